@@ -1,0 +1,45 @@
+"""``quantforge quantize MODEL --format gguf|bnb4|hf16 ...``: write one artifact from a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._common import out, progress
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="write a GGUF, bitsandbytes 4-bit or 16-bit artifact from a checkpoint")
+    p.add_argument("model", help="local HF checkpoint folder or Hub repo id")
+    p.add_argument("--format", choices=("gguf", "bnb4", "hf16"), default="gguf")
+    p.add_argument("--type", dest="qtype", default=None,
+                   help="GGUF type or mix: f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, iq4_xs, ...")
+    p.add_argument("-o", "--output", required=True, help="output file (gguf) or folder (bnb4, hf16)")
+    p.add_argument("--imatrix", default=None, help="importance matrix (llama.cpp GGUF or legacy .dat)")
+    p.add_argument("--plan", default=None, help="plan file from 'quantforge plan' (per-tensor types)")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="bnb4: 4-bit data type")
+    p.add_argument("--double-quant", action="store_true", help="bnb4: nested 8-bit quantization of absmax")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="hf16 (and bnb4 compute) dtype")
+    p.add_argument("--max-shard-size", default="5GB", help="bnb4/hf16: largest shard, e.g. 500MB, 5GB")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    if args.format == "gguf":
+        from quantforge.exporters.gguf import export_gguf
+
+        result = export_gguf(args.model, args.output, qtype=args.qtype or "f16", imatrix=args.imatrix,
+                             plan=args.plan, force=args.force, progress=progress)
+    elif args.format == "bnb4":
+        from quantforge.exporters.bnb4 import export_bnb4
+
+        result = export_bnb4(args.model, args.output, quant_type=args.quant_type, double_quant=args.double_quant,
+                             compute_dtype=args.dtype, plan=args.plan, max_shard_size=args.max_shard_size,
+                             force=args.force, progress=progress)
+    else:
+        from quantforge.exporters.hf16 import export_hf16
+
+        result = export_hf16(args.model, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                             force=args.force, progress=progress)
+    out(f"wrote {result}")
+    return 0
