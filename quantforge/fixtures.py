@@ -67,8 +67,19 @@ def _build_smollm2(out: Path, dithered: bool) -> None:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    _restore_pretokenizer(out / "tokenizer.json")
     meta = {"source": src.name, "variant": "dithered" if dithered else "plain", "dither_seed": DITHER_SEED}
     (out / "quantforge_fixture.json").write_text(json.dumps(meta, indent=1))
+
+
+def _restore_pretokenizer(path: Path) -> None:
+    """transformers rebuilds the tokenizer from GGUF with a plain ByteLevel pre-tokenizer; SmolLM2's own
+    tokenizer.json (and llama.cpp's ``smollm`` pre-tokenizer) split digits one by one first. Put that back."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    data["pre_tokenizer"] = {"type": "Sequence",
+                             "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _dither(state: dict[str, Any], reader: Any) -> dict[str, Any]:

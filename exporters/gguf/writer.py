@@ -1,0 +1,194 @@
+"""Stream a Hugging Face checkpoint into one GGUF file, one tensor at a time.
+
+Pass 1 reads only safetensors headers to name, order and type every tensor; the GGUF header, metadata and
+tensor table are written; pass 2 loads, transforms (Q/K permutation, Gemma norm +1), checks and encodes each
+tensor and appends it. Peak memory is about one tensor plus its encoding. The file appears under its final
+name only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...errors import CorruptCheckpoint, InputError, PlanError
+from ...formats import get_format
+from ...io import atomic_file
+from ...model_source import ModelSource
+from ...presets import ModelShape, get_mix, mix_types
+from . import arch as archmod
+from .tokenizer import write_tokenizer
+
+Progress = Callable[..., Iterable[Any]]
+
+
+def _no_progress(items: Iterable[Any], **_: Any) -> Iterable[Any]:
+    return items
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where it comes from, what it becomes."""
+
+    gguf_name: str
+    hf_name: str | None
+    shape: tuple[int, ...]
+    fmt: str = "f32"
+
+
+def _sort_key(name: str) -> tuple[int, int, str]:
+    m = re.match(r"^blk\.(\d+)\.(.*)$", name)
+    if m:
+        return (1, int(m.group(1)), m.group(2))
+    return (0 if name == "token_embd.weight" else 2, 0, name)
+
+
+def plan_tensors(src: ModelSource, spec: archmod.ArchSpec) -> list[TensorJob]:
+    """GGUF tensors of the model in llama.cpp's visiting order (block, then name), without loading data."""
+    cfg = src.text_config
+    tied = bool(cfg.get("tie_word_embeddings", src.config.get("tie_word_embeddings", False)))
+    jobs: dict[str, TensorJob] = {}
+    for name, info in src.tensors.items():
+        if name == "lm_head.weight" and (tied or spec.drop_lm_head):
+            continue
+        gname = archmod.gguf_name(spec, name)
+        if gname is None:
+            continue
+        jobs[gname] = TensorJob(gname, name, info.shape)
+    if "token_embd.weight" not in jobs:
+        raise CorruptCheckpoint("the checkpoint has no model.embed_tokens.weight", path=src.path)
+    sc = archmod.rope_scaling(cfg)
+    if spec.gguf_arch == "llama" and sc is not None and sc["rope_type"] == "llama3":
+        jobs["rope_freqs.weight"] = TensorJob("rope_freqs.weight", None, (archmod.head_dim(cfg) // 2,))
+    return [jobs[k] for k in sorted(jobs, key=_sort_key)]
+
+
+def model_shape(src: ModelSource, jobs: list[TensorJob]) -> ModelShape:
+    cfg = src.text_config
+    return ModelShape(
+        n_layer=int(cfg["num_hidden_layers"]),
+        n_head=int(cfg["num_attention_heads"]),
+        n_head_kv=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        tied_embeddings=not any(j.gguf_name == "output.weight" for j in jobs),
+        n_expert=int(cfg.get("num_local_experts") or 0),
+    )
+
+
+def assign_types(jobs: list[TensorJob], qtype: str, shape: ModelShape, has_imatrix: bool,
+                 plan_types: dict[str, str] | None = None) -> None:
+    """Give every job its format: a plan's per-tensor types when given, else the mix's rules."""
+    types = mix_types(qtype, [(j.gguf_name, j.shape) for j in jobs], shape, has_imatrix)
+    if plan_types:
+        unknown = sorted(set(plan_types) - set(types))
+        if unknown:
+            raise PlanError(f"plan names tensors the model does not have: {', '.join(unknown[:5])}")
+        for name, fmt in plan_types.items():
+            f = get_format(fmt)
+            if not f.fits(dict((j.gguf_name, j.shape) for j in jobs)[name][-1]):
+                raise PlanError(f"plan gives {name} type {fmt}, whose block size {f.block_size} does not divide its rows")
+            types[name] = fmt
+    for j in jobs:
+        j.fmt = types[j.gguf_name]
+
+
+def _load(src: ModelSource, spec: archmod.ArchSpec, job: TensorJob) -> Any:
+    import torch
+
+    if job.hf_name is None:
+        return archmod.llama3_rope_freqs(src.text_config)
+    t = src.get(job.hf_name).to(torch.float32)
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values", path=src.tensors[job.hf_name].file)
+    heads = archmod.qk_heads(spec, job.hf_name, src.text_config)
+    if heads is not None:
+        t = archmod.permute_rows(t, heads)
+    if spec.norm_plus_one and job.gguf_name.endswith("norm.weight"):
+        t = t + 1.0
+    return t
+
+
+def _encode(t: Any, fmt: str, imatrix: Any) -> Any:
+    """Encode a float32 tensor to the packed bytes of ``fmt`` as a numpy uint8 array."""
+    f = get_format(fmt)
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    imat = None
+    if imatrix is not None and f.takes_imatrix:
+        import torch
+
+        imat = torch.as_tensor(imatrix, dtype=torch.float32)
+        if imat.numel() != rows.shape[1]:
+            raise InputError(f"imatrix entry has {imat.numel()} values, the tensor rows have {rows.shape[1]}")
+    return f.quantize(rows, imat).contiguous().numpy()
+
+
+def general_name(src: ModelSource) -> str:
+    cfg = src.config
+    name = cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or src.path.name
+    return str(name).rstrip("/").split("/")[-1]
+
+
+def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], qtype: str = "f16",
+                imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
+                force: bool = False, progress: Progress = _no_progress) -> Path:
+    """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types)."""
+    import gguf
+
+    mix = get_mix(qtype)
+    src = ModelSource.open(model)
+    spec = archmod.arch_for(src.model_type)
+    jobs = plan_tensors(src, spec)
+    imat = None
+    if imatrix is not None:
+        from ...calibration.imatrix import load_imatrix
+
+        imat = load_imatrix(imatrix)
+    plan_types = None
+    if plan is not None:
+        from ...plan import load_plan
+
+        loaded = load_plan(plan)
+        plan_types = loaded.gguf_types()
+        if loaded.base_type:
+            mix = get_mix(loaded.base_type)
+    assign_types(jobs, mix.name, model_shape(src, jobs), imat is not None, plan_types)
+    n_vocab = jobs[0].shape[0]
+    with atomic_file(output, force=force) as tmp:
+        w = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
+        w.add_type("model")
+        w.add_name(general_name(src))
+        w.add_quantized_by(f"quantforge {__version__}")
+        archmod.write_hparams(w, spec, src.text_config)
+        w.add_file_type(mix.file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if imat is not None:
+            w.add_string("quantize.imatrix.file", Path(imatrix).name)
+            w.add_array("quantize.imatrix.datasets", imat.datasets or ["unknown"])
+            w.add_uint32("quantize.imatrix.entries_count", len(imat.entries))
+            w.add_uint32("quantize.imatrix.chunks_count", int(imat.chunk_count))
+        write_tokenizer(w, src.path, n_vocab)
+        for j in jobs:
+            f = get_format(j.fmt)
+            w.add_tensor_info(j.gguf_name, f.byte_shape(j.shape), _np_u8(), f.nbytes(j.shape),
+                              raw_dtype=gguf.GGMLQuantizationType(f.ggml_type))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for j in progress(jobs, total=len(jobs), desc=f"gguf {mix.name}", unit="tensor"):
+            t = _load(src, spec, j)
+            vec = imat.for_tensor(j.gguf_name) if imat is not None else None
+            w.write_tensor_data(_encode(t, j.fmt, vec))
+        w.close()
+    src.close()
+    return Path(output)
+
+
+def _np_u8() -> Any:
+    import numpy as np
+
+    return np.dtype(np.uint8)

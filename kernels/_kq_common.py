@@ -1,0 +1,236 @@
+"""Pieces shared by the K-quant codecs (Q2_K ... Q6_K): row chunking, fp16 rounding, bit packing, and the
+Q4_K/Q5_K search (the two differ only in the code range and the search constants).
+
+Layout conventions used by the codecs (GGUF.md §1-2):
+- a chunk of rows becomes ``x`` ``(S, 256)`` float32, one row per super-block;
+- the searches run on the transposed sub-block layout ``(sub_len, G)`` with ``G = S * n_sub`` groups
+  (see :mod:`._search`), and codes come back as ``(S, 256)`` int32 before packing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UnsupportedFormat
+from ..formats import QuantFormat
+from ._blocks import as_blocks, as_byte_blocks
+from ._search import cdiv, qkx_search_t, qp_search_t, seqsum
+from ._triton import HAVE_TRITON, check_launchable, tl, triton
+
+CHUNK_ELEMENTS = 1 << 20
+"""Rows are quantized in chunks of about this many weights, to keep the temporaries cache-sized."""
+
+Encoder = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def quantize_rows(weight: torch.Tensor, imatrix: torch.Tensor | None, fmt: QuantFormat, encode: Encoder) -> torch.Tensor:
+    """Validate ``weight`` ``(rows, n)`` / ``imatrix`` ``(n,)`` and run ``encode`` on row chunks.
+
+    ``encode(x, qw)`` gets super-blocks ``x`` ``(S, block)`` float32 and the matching importance ``qw`` (same
+    shape, or None) and returns packed ``(S, type_size)`` uint8.
+    """
+    as_blocks(weight[:1], fmt.block_size)
+    rows, n = weight.shape
+    if imatrix is not None:
+        if imatrix.dim() != 1 or imatrix.shape[0] != n:
+            raise UnsupportedFormat(
+                f"imatrix for {fmt.name} must have one value per column ({n},), got shape {tuple(imatrix.shape)}; "
+                "pass the entry for this tensor (per-expert slices for 3-D tensors)"
+            )
+        imatrix = imatrix.to(device=weight.device, dtype=torch.float32)
+    out = torch.empty((rows, fmt.nbytes((1, n))), dtype=torch.uint8, device=weight.device)
+    step = max(1, CHUNK_ELEMENTS // n)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = weight[r0:r1].to(torch.float32).reshape(-1, fmt.block_size)
+        qw = None if imatrix is None else imatrix.expand(r1 - r0, n).reshape(-1, fmt.block_size)
+        out[r0:r1] = encode(x, qw).reshape(r1 - r0, -1)
+    return out
+
+
+def byte_blocks(data: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """``(rows, nbytes)`` uint8 -> ``(n_blocks, type_size)`` int32 (for shift arithmetic)."""
+    if data.dim() != 2:
+        raise UnsupportedFormat(f"expected packed {fmt.name} bytes of shape (rows, nbytes), got {tuple(data.shape)}")
+    return as_byte_blocks(data, fmt.type_size).to(torch.int32)
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> fp16 (round to nearest even) -> float32, i.e. what ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))`` gives."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` float -> ``(S, 2)`` int32 holding the little-endian fp16 bytes."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2).to(torch.int32)
+
+
+def fp16_from(b: torch.Tensor) -> torch.Tensor:
+    """``(S, 2)`` int bytes (little-endian fp16) -> ``(S,)`` float32."""
+    return b.to(torch.uint8).contiguous().view(torch.float16).reshape(-1).to(torch.float32)
+
+
+def divc(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` as an exact IEEE division (CUDA divides by a scalar through its reciprocal)."""
+    return x / torch.full_like(x, c)
+
+
+def positive_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """``x`` where ``x > 0`` else +0.0 (a C running max that starts at 0)."""
+    return torch.where(x > 0, x, torch.zeros_like(x))
+
+
+def to_groups(x: torch.Tensor, sub: int) -> torch.Tensor:
+    """``(S, 256)`` -> transposed sub-block layout ``(sub, S * 256 / sub)``."""
+    return x.reshape(-1, sub).t().contiguous()
+
+
+def from_groups(L: torch.Tensor, block: int) -> torch.Tensor:
+    """Transposed sub-block layout ``(sub, G)`` -> ``(S, block)``."""
+    return L.t().reshape(-1, block)
+
+
+def block_sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Sequential ``Σ x²`` over each super-block row of ``x`` ``(S, 256)`` -> ``(S,)``."""
+    xt = x.t().contiguous()
+    return seqsum(xt.mul_(xt))
+
+
+def pack_crumbs(L: torch.Tensor) -> torch.Tensor:
+    """2-bit codes ``(S, 256)`` -> ``(S, 64)``: byte ``32h + l`` holds elements ``128h + 32c + l`` at bits ``2c`` (Q2_K/Q3_K)."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def unpack_crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_crumbs`: ``(S, 64)`` -> ``(S, 256)`` codes in 0..3."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=qs.device).view(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
+
+
+def pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins ``(S, 8)`` -> the 12 packed bytes of Q4_K/Q5_K (GGUF.md §1)."""
+    lo_s, hi_s = ls[:, :4], ls[:, 4:]
+    lo_m, hi_m = lm[:, :4], lm[:, 4:]
+    return torch.cat(
+        [lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], dim=1
+    )
+
+
+def unpack_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 packed bytes ``(S, 12)`` -> ``(sc, m)`` each ``(S, 8)`` in 0..63."""
+    d, m, md = b[:, 0:4], b[:, 4:8], b[:, 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 6) << 4)], dim=1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def requant_asym(xs: torch.Tensor, L: torch.Tensor, dj: torch.Tensor, mj: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Codes ``clamp(nearest((x + m_j) / d_j), 0, nmax)`` on the transposed layout; groups with ``d_j == 0`` keep ``L``."""
+    new = torch.add(xs, mj).div_(dj).round_().clamp_(0, nmax).to(torch.int32)
+    return torch.where(dj != 0, new, L)
+
+
+def requant_sym(xs: torch.Tensor, L: torch.Tensor, dj: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Codes ``clamp(nearest(x / d_j), lo, hi) - lo`` on the transposed layout; groups with ``d_j == 0`` keep ``L``."""
+    new = torch.div(xs, dj).round_().clamp_(lo, hi).sub_(lo).to(torch.int32)
+    return torch.where(dj != 0, new, L)
+
+
+def q45_encode(
+    x: torch.Tensor, qw: torch.Tensor | None, nmax: int, ref_search: tuple[float, float, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q4_K/Q5_K search for super-blocks ``x`` ``(S, 256)`` (8 sub-blocks of 32, codes 0..nmax).
+
+    Without ``qw`` this is ``quantize_row_q{4,5}_K_ref`` (weights ``av + |x|``, ``make_qkx2`` with ``ref_search``
+    = (rmin, rdelta, nstep), 6-bit scales from the max); with ``qw`` it is ``quantize_row_q{4,5}_K_impl``
+    (weights ``qw * sqrt(σ² + x²)``, ``make_qkx3``, ``make_qp_quants`` for the scales).
+    Returns ``d``, ``dmin`` as fp16-rounded float32 ``(S,)``, packed scales ``(S, 12)`` and codes ``(S, 256)``.
+    """
+    S = x.shape[0]
+    xs = to_groups(x, 32)
+    if qw is None:
+        av = torch.sqrt(divc(seqsum(xs * xs), 32.0))
+        w = xs.abs().add_(av)
+        rmin, rdelta, nstep = ref_search
+        scale, the_min, L = qkx_search_t(xs, w, nmax, rmin, rdelta, nstep, False, strict_flat=True)
+        max_scale = positive_or_zero(scale.view(S, 8).amax(dim=1))
+        max_min = positive_or_zero(the_min.view(S, 8).amax(dim=1))
+        inv_s = torch.where(max_scale > 0, cdiv(63.0, max_scale), torch.zeros_like(max_scale))
+        inv_m = torch.where(max_min > 0, cdiv(63.0, max_min), torch.zeros_like(max_min))
+        ls = ((scale.view(S, 8) * inv_s[:, None]).round_().to(torch.int32) & 255).clamp_(max=63)
+        lm = ((the_min.view(S, 8) * inv_m[:, None]).round_().to(torch.int32) & 255).clamp_(max=63)
+        d = fp16_round(divc(max_scale, 63.0))
+        dmin = fp16_round(divc(max_min, 63.0))
+    else:
+        sigma2 = divc(block_sum_sq(x).mul_(2.0), 256.0)
+        w = to_groups(torch.mul(x, x).add_(sigma2[:, None]).sqrt_().mul_(qw), 32)
+        sw = seqsum(w)
+        scale, the_min, L = qkx_search_t(xs, w, nmax, -0.9, 0.05, 36, False, strict_flat=False)
+        swt = sw.view(S, 8).t().contiguous()
+        d_block, ls = qp_search_t(scale.view(S, 8).t().contiguous(), 63, swt)
+        m_block, lm = qp_search_t(the_min.view(S, 8).t().contiguous(), 63, swt)
+        ls, lm = ls.t() & 255, lm.t() & 255
+        d, dmin = fp16_round(d_block), fp16_round(m_block)
+    dj = (d[:, None] * ls.to(torch.float32)).reshape(-1)
+    mj = (dmin[:, None] * lm.to(torch.float32)).reshape(-1)
+    L = requant_asym(xs, L, dj, mj, nmax)
+    return d, dmin, pack_scales_k4(ls, lm), from_groups(L, 256)
+
+
+def q45_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K block bytes ``(S, type_size)`` int32 -> per-sub-block ``d*sc`` and ``dmin*m``, each ``(S, 8, 1)``."""
+    d = fp16_from(b[:, 0:2])
+    dmin = fp16_from(b[:, 2:4])
+    sc, m = unpack_scales_k4(b[:, 4:16])
+    return (d[:, None] * sc.to(torch.float32)).unsqueeze(-1), (dmin[:, None] * m.to(torch.float32)).unsqueeze(-1)
+
+
+def launch_dequant(kernel, data: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype, blocks_per_program: int) -> torch.Tensor:
+    """Run a standalone K-quant dequantize ``kernel(src, dst, n_blocks, BLOCKS, QK)`` over all blocks of ``data``.
+
+    FMA contraction is switched off so that ``d*q - m`` rounds exactly like the PyTorch reference.
+    """
+    check_launchable(data.device.type)
+    b = as_byte_blocks(data, fmt.type_size).contiguous()
+    n_blocks = b.shape[0]
+    out = torch.empty((n_blocks, fmt.block_size), dtype=dtype, device=data.device)
+    if n_blocks:
+        grid = (triton.cdiv(n_blocks, blocks_per_program),)
+        kernel[grid](b, out, n_blocks, BLOCKS=blocks_per_program, QK=fmt.block_size, enable_fp_fusion=False)
+    return out.reshape(data.shape[0], -1)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def load_f16(src, off, mask):
+        """Little-endian fp16 at byte offsets ``off`` (any shape) -> float32."""
+        lo = tl.load(src + off, mask=mask, other=0).to(tl.uint16)
+        hi = tl.load(src + off + 1, mask=mask, other=0).to(tl.uint16)
+        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def load_u8(src, off, mask):
+        """Bytes at offsets ``off`` -> int32."""
+        return tl.load(src + off, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def scale_min_k4(src, sbase, j, mask):
+        """Q4_K/Q5_K 6-bit ``(sc, m)`` of sub-block ``j`` from the 12 scale bytes at ``sbase`` (broadcast shapes)."""
+        lo = j < 4
+        b_j = load_u8(src, sbase + j, mask)
+        b_j4 = load_u8(src, sbase + j + 4, mask)
+        b_jm4 = load_u8(src, sbase + (j ^ 4), mask)
+        sc = tl.where(lo, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4))
+        m = tl.where(lo, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
+        return sc, m
+
+    @triton.jit
+    def store_tile(dst, blk, mask, y, QK: tl.constexpr):
+        """Store a ``[BLOCKS, QK]`` float32 tile at rows ``blk`` of ``dst`` (round to nearest even when narrowing)."""
+        e = tl.arange(0, QK)
+        ptr = dst + blk.to(tl.int64)[:, None] * QK + e[None, :]
+        tl.store(ptr, y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask[:, None])
