@@ -16,7 +16,7 @@ import torch
 from ..errors import UnsupportedFormat
 from ..formats import QuantFormat
 from ._blocks import as_blocks, as_byte_blocks
-from ._search import cdiv, qkx_search_t, qp_search_t, seqsum
+from ._search import cdiv, qkx_search_t, qp_search_t, seqsum, sqrt_f32
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 CHUNK_ELEMENTS = 1 << 20
@@ -152,7 +152,7 @@ def q45_encode(
     S = x.shape[0]
     xs = to_groups(x, 32)
     if qw is None:
-        av = torch.sqrt(divc(seqsum(xs * xs), 32.0))
+        av = sqrt_f32(divc(seqsum(xs * xs), 32.0))
         w = xs.abs().add_(av)
         rmin, rdelta, nstep = ref_search
         scale, the_min, L = qkx_search_t(xs, w, nmax, rmin, rdelta, nstep, False, strict_flat=True)
@@ -166,7 +166,7 @@ def q45_encode(
         dmin = fp16_round(divc(max_min, 63.0))
     else:
         sigma2 = divc(block_sum_sq(x).mul_(2.0), 256.0)
-        w = to_groups(torch.mul(x, x).add_(sigma2[:, None]).sqrt_().mul_(qw), 32)
+        w = to_groups(sqrt_f32(torch.mul(x, x).add_(sigma2[:, None])).mul_(qw), 32)
         sw = seqsum(w)
         scale, the_min, L = qkx_search_t(xs, w, nmax, -0.9, 0.05, 36, False, strict_flat=False)
         swt = sw.view(S, 8).t().contiguous()

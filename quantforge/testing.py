@@ -73,3 +73,134 @@ def interpreter_downcast(ref: Any, dtype: Any) -> Any:
         bits = ref.to(torch.float32).contiguous().view(torch.int32) & ~0xFFFF
         return bits.view(torch.float32).to(torch.bfloat16)
     return ref.to(dtype)
+
+
+def llama_cpp_logits(gguf_path: Any, ids: list[int], n_ctx: int = 512) -> Any:
+    """float64 logits ``(len(ids), vocab)`` of llama.cpp (llama-cpp-python) on token ``ids``, every position."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids)), logits_all=True, verbose=False, n_threads=2,
+                n_batch=max(n_ctx, len(ids)))
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)
+    finally:
+        llm.close()
+
+
+def llama_cpp_tokenize(gguf_path: Any, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's tokenization of ``texts`` (special tokens parsed, no BOS added)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
+    finally:
+        llm.close()
+
+
+def hf_logits(model_dir: Any, ids: list[int]) -> Any:
+    """float64 logits of the HF model in ``model_dir`` run in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+def compare_logits(ref: Any, got: Any) -> dict[str, float]:
+    """Mean KL(ref || got), top-1 agreement and max |logit difference| over positions."""
+    import torch
+
+    lp = torch.log_softmax(ref.double(), -1)
+    lq = torch.log_softmax(got.double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    return {"kld": float(kld.mean()), "top1": float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
+            "max_diff": float((ref - got).abs().max())}
+
+
+def quantize_with_llama_cpp(src_gguf: Any, out_gguf: Any, ftype: int, imatrix: Any = None) -> None:
+    """Run llama.cpp's own quantizer (``llama_model_quantize``) on a GGUF file."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(out_gguf).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed with {rc}")
+
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True},
+    "mistral": {"architectures": ["MistralForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+                "sliding_window": None},
+    "llama": {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "query_pre_attn_scalar": 32,
+               "sliding_window": 64, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+               "hidden_activation": "gelu_pytorch_tanh"},
+}
+
+
+def train_spm_tokenizer(out_dir: Any, text_file: Any, vocab_size: int = 512) -> Path:
+    """A small SentencePiece (BPE, byte fallback) tokenizer trained on ``text_file``: ``out_dir/tokenizer.model``."""
+    import sentencepiece as spm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, input_sentence_size=20000, shuffle_input_sentence=False,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    return out / "tokenizer.model"
+
+
+def tiny_checkpoint(model_type: str, out_dir: Any, tokenizer_dir: Any, n_layers: int = 2, seed: int = 0,
+                    init_std: float = 0.2) -> Path:
+    """A random-weight checkpoint of ``model_type`` (bf16 safetensors) using the tokenizer files in
+    ``tokenizer_dir``; weights are drawn wider than HF's default so logits are peaked enough to compare."""
+    import json as _json
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Path(tokenizer_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        if (tok / name).is_file():
+            shutil.copy(tok / name, out / name)
+    if (tok / "tokenizer.json").is_file():
+        vocab = len(_json.loads((tok / "tokenizer.json").read_text())["model"]["vocab"])
+        vocab = max(vocab, 1 + max(t["id"] for t in _json.loads((tok / "tokenizer.json").read_text())["added_tokens"]))
+    else:
+        import sentencepiece as spm
+
+        vocab = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model")).vocab_size()
+    kwargs = dict(TINY_CONFIGS[model_type])
+    kwargs.update(num_hidden_layers=n_layers, vocab_size=vocab, max_position_embeddings=512, bos_token_id=1,
+                  eos_token_id=2, initializer_range=init_std, rms_norm_eps=1e-6)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) * 0.5 + (0.0 if model_type == "gemma2" else 0.75))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
