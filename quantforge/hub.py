@@ -76,11 +76,15 @@ class PublishPlan:
 
 @dataclass(frozen=True)
 class PushResult:
+    """What landed: the commit, whether the repo was new, and whether anything changed (identical files are not
+    committed again)."""
+
     repo_url: str
     commit_url: str
     commit_oid: str
     created_repo: bool
     files: int
+    changed: bool
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -165,7 +169,7 @@ def prepare_publish(repo_id: str, paths: list[str], *, base_model: str | None = 
     artifacts = [describe_artifact(p) for p in art_paths]
     plans = [load_plan(p) for p in plan_paths]
     res = load_results(results_path) if results_path else None
-    decisions: list[str] = []
+    decisions = [f"left out (hidden): {', '.join(a.notes['hidden'])}" for a in artifacts if a.notes.get("hidden")]
     warnings: list[str] = []
 
     failures = _gate_failures(res, artifacts)
@@ -297,24 +301,39 @@ class _Scrubber:
         return self.error(f"{step}: {type(exc).__name__}: {first}{tail}")
 
 
-def _remote_state(api: Any, repo_id: str, revision: str) -> tuple[bool, bool, str | None, set[str]]:
-    """``(repo exists, branch exists, head commit, files)`` of the branch, or of main when it is missing."""
+@dataclass(frozen=True)
+class _Remote:
+    repo_exists: bool
+    branch_exists: bool
+    head: str | None
+    private: bool | None
+    files: frozenset[str]
+
+
+def _remote_state(api: Any, repo_id: str, revision: str) -> _Remote:
+    """The branch as the Hub has it now, or main when the branch is missing (a new branch starts there)."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    def state(info: Any, branch_exists: bool) -> _Remote:
+        files = frozenset(s.rfilename for s in info.siblings or [])
+        return _Remote(True, branch_exists, info.sha, info.private, files)
+
     try:
-        info = api.model_info(repo_id, revision=revision)
-        return True, True, info.sha, {s.rfilename for s in info.siblings or []}
+        return state(api.model_info(repo_id, revision=revision), True)
     except RepositoryNotFoundError:
-        return False, False, None, set()
+        return _Remote(False, False, None, None, frozenset())
     except RevisionNotFoundError:
         if revision == "main":
-            return True, False, None, set()
-    info = api.model_info(repo_id, revision="main")
-    return True, False, info.sha, {s.rfilename for s in info.siblings or []}
+            return _Remote(True, False, None, None, frozenset())
+    return state(api.model_info(repo_id, revision="main"), False)
 
 
 def push(plan: PublishPlan, *, endpoint: str | None = None, token: str | None = None) -> PushResult:
-    """Commit ``plan`` to the Hub in one commit. Raises :class:`PublishError`; on any error nothing is committed."""
+    """Commit ``plan`` to the Hub in one commit. Raises :class:`PublishError`; on any error nothing is committed.
+
+    Order: read the branch (refuse overwrites and a public repo when ``--private`` was asked), create the repo
+    and the branch if missing, then one ``create_commit`` whose ``parent_commit`` is the head that was checked.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = token or get_token()
@@ -327,17 +346,24 @@ def push(plan: PublishPlan, *, endpoint: str | None = None, token: str | None = 
 
     step = f"reading {repo_id}@{revision}"
     try:
-        repo_exists, branch_exists, head, remote = _remote_state(api, repo_id, revision)
-        conflicts = sorted(f.path_in_repo for f in plan.files if f.path_in_repo in remote)
+        remote = _remote_state(api, repo_id, revision)
+        conflicts = sorted(f.path_in_repo for f in plan.files if f.path_in_repo in remote.files)
         if conflicts and not plan.force:
             shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
             raise scrub.error(f"{len(conflicts)} file(s) already exist in {repo_id}@{revision}: {shown}; pass --force "
                               "to overwrite them, or publish to another --revision; nothing was published")
-        if not repo_exists:
+        if plan.private and remote.private is False:
+            raise scrub.error(f"{repo_id} already exists and is public, but --private was asked; make it private on "
+                              "the Hub first or drop --private; nothing was published")
+        head = remote.head
+        if not remote.repo_exists:
             step = f"creating {repo_id}"
-            api.create_repo(repo_id, private=True if plan.private else None, exist_ok=True, repo_type="model")
-            _, _, head, _ = _remote_state(api, repo_id, "main")
-        if not branch_exists and revision != "main":
+            url = api.create_repo(repo_id, private=True if plan.private else None, exist_ok=True, repo_type="model")
+            if url.repo_id != repo_id:
+                raise scrub.error(f"the Hub created {url.repo_id} instead of {repo_id}; check that the token may "
+                                  "write to that organization; nothing was published")
+            head = _remote_state(api, repo_id, "main").head
+        if not remote.branch_exists and revision != "main":
             step = f"creating branch {revision!r}"
             api.create_branch(repo_id, branch=revision, revision=head, exist_ok=False)
         step = f"committing to {repo_id}@{revision}"
@@ -351,7 +377,7 @@ def push(plan: PublishPlan, *, endpoint: str | None = None, token: str | None = 
     except Exception as exc:
         raise scrub.wrap(step, exc) from exc
     return PushResult(repo_url=f"{api.endpoint}/{repo_id}", commit_url=info.commit_url, commit_oid=info.oid,
-                      created_repo=not repo_exists, files=len(plan.files))
+                      created_repo=not remote.repo_exists, files=len(plan.files), changed=info.oid != head)
 
 
 def _description(plan: PublishPlan) -> str:

@@ -33,7 +33,7 @@ RELATIONS = ("quantized", "finetune", "adapter", "merge")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
 _TASK_METRIC = re.compile(r"^(?P<task>.+)_(?P<kind>acc|acc_norm)$")
-_FORMAT_NAMES = {"gguf": "GGUF", "bnb4": "bitsandbytes 4-bit", "hf16": "safetensors 16-bit", "adapter": "LoRA adapter"}
+_FORMAT_NAMES = {"gguf": "GGUF", "bnb4": "bitsandbytes 4-bit", "hf16": "safetensors", "adapter": "LoRA adapter"}
 
 
 @dataclass
@@ -103,14 +103,15 @@ def _basename(path: str) -> str:
 
 
 def repo_id_from(value: Any) -> str | None:
-    """``ORG/NAME`` from a repo id or a ``https://huggingface.co/ORG/NAME`` URL; ``None`` for anything else."""
+    """``ORG/NAME`` from a repo id or a ``https://huggingface.co/ORG/NAME`` URL; ``None`` for anything else
+    (local paths, other hosts, dataset or space URLs)."""
     if not isinstance(value, str):
         return None
     text = value.strip()
-    m = re.match(r"^https?://[^/]+/(?P<rest>[^?#]+)", text)
-    if m:
-        parts = [p for p in m.group("rest").split("/") if p]
-        text = "/".join(parts[:2]) if len(parts) >= 2 else ""
+    if re.match(r"^[a-z]+://", text):
+        m = re.match(r"^https?://(www\.)?(huggingface\.co|hf\.co)/(?P<rest>[^?#]+)", text)
+        parts = [p for p in m.group("rest").split("/") if p] if m else []
+        text = "/".join(parts[:2]) if len(parts) >= 2 and parts[0] not in ("datasets", "spaces") else ""
     if not _REPO_ID.match(text) or os.path.exists(text) or ".." in text:
         return None
     return text
@@ -194,19 +195,24 @@ def _gguf_type(meta: dict[str, Any], report: Any, gguf: Any) -> str:
     return max(by_type, key=by_type.__getitem__) if by_type else "unknown"
 
 
-def _folder_files(p: Path) -> list[tuple[str, Path]]:
-    files = []
+def _folder_files(p: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``(path_in_repo, local)`` for every file under ``p``, and the hidden ones left out (``.partial`` leftovers)."""
+    files, hidden = [], []
     for root, dirs, names in os.walk(p):
+        hidden += [f"{p.name}/{(Path(root) / d).relative_to(p).as_posix()}/" for d in dirs if d.startswith(".")]
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
-            if not n.startswith("."):
-                local = Path(root) / n
-                files.append((f"{p.name}/{local.relative_to(p).as_posix()}", local))
-    return files
+            rel = f"{p.name}/{(Path(root) / n).relative_to(p).as_posix()}"
+            if n.startswith("."):
+                hidden.append(rel)
+            else:
+                files.append((rel, Path(root) / n))
+    return files, sorted(hidden)
 
 
 def _describe_folder(p: Path) -> Artifact:
-    files = _folder_files(p)
+    p = p.resolve()
+    files, hidden = _folder_files(p)
     size = sum(f.stat().st_size for _, f in files)
     card = _front_matter(p / "README.md")
     if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
@@ -240,6 +246,7 @@ def _describe_folder(p: Path) -> Artifact:
     for fact in ("license", "license_name", "license_link"):
         if isinstance(card.get(fact), str) and card[fact].strip():
             art.sources[fact] = (card[fact].strip(), f"{fact} in {p.name}/README.md")
+    art.notes["hidden"] = hidden
     return art
 
 
@@ -477,9 +484,13 @@ def render_card(info: CardInfo) -> str:
 
     meta = card_metadata(info)
     title = info.repo_id.split("/", 1)[1]
+    from . import __version__
+
+    what = {"quantized": "Quantized versions of", "adapter": "An adapter for", "finetune": "Fine-tuned from",
+            "merge": "Merged from"}[info.relation]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {title}", "",
-             f"Quantized files of [{info.base_model}](https://huggingface.co/{info.base_model}), made with "
-             "[quantforge](https://github.com/quantforge/quantforge).", ""]
+             f"{what} [{info.base_model}](https://huggingface.co/{info.base_model}), made with quantforge "
+             f"{__version__}.", ""]
     for failure in info.gate_failures:
         lines += [f"> **Warning:** published with `--force` although the regression gate failed: {failure}", ""]
     if "license" not in meta:
@@ -488,7 +499,7 @@ def render_card(info: CardInfo) -> str:
     lines += ["## Files", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Sizes are what you download; n/a means not measured.", ""]
-    lines += ["## Evaluation", ""] + _evaluation(info) + [""]
+    lines += ["## Evaluation", ""] + [x for para in _evaluation(info) for x in (para, "")]
     lines += ["## How these files were made", ""] + _provenance(info) + [""]
     lines += ["## Usage", ""] + _usage(info)
     return "\n".join(lines).rstrip() + "\n"

@@ -21,6 +21,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,7 @@ _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 
 
 def git_blob_oid(content: bytes) -> str:
+    """The git object id of a regular file, as the Hub reports it for non-LFS files in the preupload answer."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
@@ -52,6 +54,7 @@ class Repo:
     branches: dict[str, list[Commit]] = field(default_factory=dict)
 
     def head(self, branch: str) -> Commit:
+        """The latest commit of ``branch``."""
         return self.branches[branch][-1]
 
 
@@ -62,7 +65,11 @@ class _Reject(Exception):
 
 
 class FakeHub:
-    """The server and its state. Use as a context manager; ``url`` is the endpoint to give ``HfApi``."""
+    """The server and its state. Use as a context manager; ``url`` is the endpoint to give ``HfApi``.
+
+    ``multipart_chunk`` makes LFS objects larger than it use the multi-part transfer; ``before_commit`` is called
+    with the repo just before a commit is applied (a test can move the branch there, as a concurrent push would).
+    """
 
     def __init__(self, token: str, *, ttl: float = 60.0, multipart_chunk: int | None = None) -> None:
         self.token = token
@@ -74,6 +81,7 @@ class FakeHub:
         self.requests: list[str] = []
         self.unexpected: list[str] = []
         self.validated: list[str] = []
+        self.before_commit: Callable[[Repo], None] | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -112,12 +120,15 @@ class FakeHub:
         return repo
 
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
+        """Path -> bytes of the head of ``branch`` (LFS files resolved to their content)."""
         return dict(self.repos[repo_id].head(branch).files)
 
     def commits(self, repo_id: str, branch: str = "main") -> list[Commit]:
+        """Every commit of ``branch``, oldest first (the Hub's initial commit included)."""
         return list(self.repos[repo_id].branches[branch])
 
     def handle(self, method: str, path: str, query: str, headers: Any, body: bytes) -> tuple[int, dict, bytes]:
+        """Answer one request: ``(status, headers, body)``. Requests are served one at a time (a lock)."""
         with self._lock:
             self.requests.append(f"{method} {path}")
             try:
@@ -284,6 +295,8 @@ class FakeHub:
 
     def _commit(self, repo_id: str, rev: str, body: bytes) -> dict[str, Any]:
         repo = self._repo(repo_id, rev)
+        if self.before_commit is not None:
+            self.before_commit(repo)
         lines = [json.loads(x) for x in body.splitlines() if x.strip()]
         if not lines or lines[0].get("key") != "header":
             raise _Reject(400, "commit must start with a header line")

@@ -17,9 +17,11 @@ def add_parser(sub: Any) -> None:
                    help=".gguf files, checkpoint folders (uploaded under a subfolder of their name), plan .yaml files, "
                         "a results .json")
     p.add_argument("--repo", required=True, metavar="ORG/NAME", help="target repo; created if missing")
-    p.add_argument("--base-model", metavar="ID", help="base model repo id (default: what the artifacts' metadata names)")
+    p.add_argument("--base-model", metavar="ID",
+                   help="base model repo id (default: what the artifacts' metadata names)")
     p.add_argument("--results", metavar="JSON", help="results file from 'quantforge eval' (also uploaded)")
-    p.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo as private (an existing public repo is refused)")
     p.add_argument("--revision", metavar="BRANCH", default=None, help="branch to commit to (default main; created "
                    "from main if missing)")
     p.add_argument("--relation", choices=("quantized", "finetune", "adapter", "merge"),
@@ -44,6 +46,9 @@ def run(args: Any) -> int:
         out(format_commit(plan))
         return 0
     result = push(plan, endpoint=args.endpoint)
+    if not result.changed:
+        out(f"nothing to publish: {args.repo}@{plan.revision} already holds these exact {result.files} files")
+        return 0
     created = " (new repo)" if result.created_repo else ""
     out(f"published {result.files} files to {args.repo}@{plan.revision}{created}: {result.commit_url}")
     return 0
