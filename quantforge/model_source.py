@@ -29,6 +29,7 @@ TOKENIZER_FILES = (
 )
 SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
+_TORCH_DTYPES: dict[str, Any] = {}
 _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
               "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -49,6 +50,14 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
     except Exception as exc:
         raise InputError(f"could not download {text!r} from the Hub ({type(exc).__name__}); pass a local folder") from exc
+
+
+def _torch_dtypes() -> dict[str, Any]:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+            "BOOL": torch.bool}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -95,6 +104,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     file: Path
+    offset: int = 0
+    nbytes: int = 0
 
 
 @dataclass
@@ -152,25 +163,47 @@ class ModelSource:
             n *= d
         return n
 
-    def get(self, name: str) -> Any:
-        """Load one tensor (a ``torch.Tensor`` in its stored dtype)."""
-        from safetensors import SafetensorError, safe_open
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> Any:
+        """Load one tensor (a ``torch.Tensor`` in its stored dtype), or only rows ``[start, stop)`` of it.
+
+        Reads with ``pread`` instead of memory-mapping, so pages of tensors already processed do not stay
+        resident: streaming a model keeps the process near the size of one tensor (or one row chunk).
+        """
+        import torch
 
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        try:
-            if handle is None:
-                handle = safe_open(str(info.file), framework="pt")
-                self._handles[info.file] = handle
-            return handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise CorruptCheckpoint(f"cannot read tensor {name!r} ({exc})", path=info.file) from exc
+        if not _TORCH_DTYPES:
+            _TORCH_DTYPES.update(_torch_dtypes())
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise CorruptCheckpoint(f"tensor {name!r} has unsupported dtype {info.dtype}", path=info.file)
+        row_elems = 1
+        for d in info.shape[1:]:
+            row_elems *= d
+        width = _ST_DTYPES[info.dtype]
+        start, stop = (0, info.shape[0] if info.shape else 1) if rows is None else rows
+        n_rows = stop - start
+        shape = (n_rows, *info.shape[1:]) if info.shape else ()
+        nbytes = n_rows * row_elems * width
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = os.open(info.file, os.O_RDONLY)
+            self._handles[info.file] = fd
+        buf = bytearray(nbytes)
+        got = os.preadv(fd, [buf], info.offset + start * row_elems * width) if nbytes else 0
+        if got != nbytes:
+            raise CorruptCheckpoint(f"tensor {name!r} is cut short ({got} of {nbytes} bytes)", path=info.file)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, Any]]:
         for name in names if names is not None else self.tensor_names():
             yield name, self.get(name)
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
 
     def fingerprint(self) -> str:
@@ -205,8 +238,12 @@ def _index_tensors(path: Path) -> dict[str, TensorInfo]:
         if not fpath.is_file():
             raise MissingFile("shard listed in model.safetensors.index.json is missing", path=fpath)
         header = read_safetensors_header(fpath)
+        with open(fpath, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            out[name] = TensorInfo(name, tuple(info["shape"]), info["dtype"], fpath)
+            start, stop = info["data_offsets"]
+            out[name] = TensorInfo(name, tuple(info["shape"]), info["dtype"], fpath, 8 + header_len + start,
+                                   stop - start)
     return out

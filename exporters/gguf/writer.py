@@ -96,35 +96,74 @@ def assign_types(jobs: list[TensorJob], qtype: str, shape: ModelShape, has_imatr
         j.fmt = types[j.gguf_name]
 
 
-def _load(src: ModelSource, spec: archmod.ArchSpec, job: TensorJob) -> Any:
-    import torch
-
-    if job.hf_name is None:
-        return archmod.llama3_rope_freqs(src.text_config)
-    t = src.get(job.hf_name).to(torch.float32)
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values", path=src.tensors[job.hf_name].file)
-    heads = archmod.qk_heads(spec, job.hf_name, src.text_config)
-    if heads is not None:
-        t = archmod.permute_rows(t, heads)
-    if spec.norm_plus_one and job.gguf_name.endswith("norm.weight"):
-        t = t + 1.0
-    return t
+CHUNK_ELEMS = 1 << 22
 
 
-def _encode(t: Any, fmt: str, imatrix: Any) -> Any:
-    """Encode a float32 tensor to the packed bytes of ``fmt`` as a numpy uint8 array."""
-    f = get_format(fmt)
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
-    imat = None
-    if imatrix is not None and f.takes_imatrix:
+class EncodedTensor:
+    """One output tensor encoded row chunk by row chunk while it is written.
+
+    Duck-types the numpy array :meth:`gguf.GGUFWriter.write_tensor_data` expects (``nbytes``, ``tofile``), so
+    at most one chunk of float32 rows and its encoding are in memory at a time. Rows are independent in every
+    GGUF format, so the bytes equal those of encoding the whole tensor at once.
+    """
+
+    def __init__(self, src: ModelSource, spec: archmod.ArchSpec, job: TensorJob, imatrix: Any,
+                 chunk_elems: int = CHUNK_ELEMS) -> None:
+        self.src, self.spec, self.job, self.imatrix = src, spec, job, imatrix
+        self.fmt = get_format(job.fmt)
+        self.nbytes = self.fmt.nbytes(job.shape)
+        self.heads = archmod.qk_heads(spec, job.hf_name, src.text_config) if job.hf_name else None
+        n_rows = job.shape[0] if len(job.shape) > 1 else 1
+        row_elems = max(1, self.fmt_numel() // n_rows)
+        unit = n_rows // self.heads if self.heads else 1
+        rows = max(unit, (chunk_elems // row_elems) // unit * unit)
+        self.ranges = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+
+    def fmt_numel(self) -> int:
+        n = 1
+        for d in self.job.shape:
+            n *= d
+        return n
+
+    def _rows(self, start: int, stop: int) -> Any:
         import torch
 
-        imat = torch.as_tensor(imatrix, dtype=torch.float32)
-        if imat.numel() != rows.shape[1]:
-            raise InputError(f"imatrix entry has {imat.numel()} values, the tensor rows have {rows.shape[1]}")
-    return f.quantize(rows, imat).contiguous().numpy()
+        job = self.job
+        if job.hf_name is None:
+            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1)
+        if len(job.shape) > 1:
+            t = self.src.get(job.hf_name, rows=(start, stop)).to(torch.float32)
+        else:
+            t = self.src.get(job.hf_name).to(torch.float32).reshape(1, -1)
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values",
+                                    path=self.src.tensors[job.hf_name].file)
+        if self.heads is not None:
+            t = archmod.permute_rows(t, self.heads * (stop - start) // job.shape[0])
+        if self.spec.norm_plus_one and job.gguf_name.endswith("norm.weight"):
+            t = t + 1.0
+        return t.reshape(t.shape[0], -1)
+
+    def encoded_chunks(self) -> Iterable[Any]:
+        imat = None
+        if self.imatrix is not None and self.fmt.takes_imatrix:
+            import torch
+
+            imat = torch.as_tensor(self.imatrix, dtype=torch.float32)
+            if imat.numel() != self.job.shape[-1]:
+                raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, "
+                                 f"its rows have {self.job.shape[-1]}")
+        for start, stop in self.ranges:
+            yield self.fmt.quantize(self._rows(start, stop), imat).contiguous().numpy()
+
+    def tofile(self, fout: Any) -> None:
+        written = 0
+        for chunk in self.encoded_chunks():
+            fout.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise InputError(f"{self.job.gguf_name}: encoded {written} bytes, expected {self.nbytes}")
 
 
 def general_name(src: ModelSource) -> str:
@@ -180,9 +219,8 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for j in progress(jobs, total=len(jobs), desc=f"gguf {mix.name}", unit="tensor"):
-            t = _load(src, spec, j)
             vec = imat.for_tensor(j.gguf_name) if imat is not None else None
-            w.write_tensor_data(_encode(t, j.fmt, vec))
+            w.write_tensor_data(EncodedTensor(src, spec, j, vec))
         w.close()
     src.close()
     return Path(output)
