@@ -50,7 +50,6 @@ class ArchSpec:
     layer_map: dict[str, str]
     permute_qk: bool = False
     norm_plus_one: bool = False
-    explicit_head_dim: bool = False
     drop_lm_head: bool = False
 
 
@@ -58,8 +57,8 @@ ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", "llama", _COMMON_LAYER, permute_qk=True),
     "mistral": ArchSpec("mistral", "llama", _COMMON_LAYER, permute_qk=True),
     "qwen2": ArchSpec("qwen2", "qwen2", _COMMON_LAYER),
-    "qwen3": ArchSpec("qwen3", "qwen3", _COMMON_LAYER, explicit_head_dim=True),
-    "gemma2": ArchSpec("gemma2", "gemma2", _GEMMA2_LAYER, norm_plus_one=True, explicit_head_dim=True,
+    "qwen3": ArchSpec("qwen3", "qwen3", _COMMON_LAYER),
+    "gemma2": ArchSpec("gemma2", "gemma2", _GEMMA2_LAYER, norm_plus_one=True,
                        drop_lm_head=True),
 }
 
@@ -175,9 +174,8 @@ def write_hparams(writer: Any, spec: ArchSpec, cfg: dict[str, Any]) -> None:
     writer.add_vocab_size(int(cfg["vocab_size"]))
     if arch == "llama":
         writer.add_rope_dimension_count(hd)
-    if spec.explicit_head_dim or hd * n_head != int(cfg["hidden_size"]):
-        writer.add_key_length(hd)
-        writer.add_value_length(hd)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
     sc = rope_scaling(cfg)
     if sc is not None and sc["rope_type"] in ("linear", "yarn"):
         import gguf

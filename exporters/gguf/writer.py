@@ -108,8 +108,8 @@ class EncodedTensor:
     """
 
     def __init__(self, src: ModelSource, spec: archmod.ArchSpec, job: TensorJob, imatrix: Any,
-                 chunk_elems: int = CHUNK_ELEMS) -> None:
-        self.src, self.spec, self.job, self.imatrix = src, spec, job, imatrix
+                 chunk_elems: int = CHUNK_ELEMS, device: str = "cpu") -> None:
+        self.src, self.spec, self.job, self.imatrix, self.device = src, spec, job, imatrix, device
         self.fmt = get_format(job.fmt)
         self.nbytes = self.fmt.nbytes(job.shape)
         self.heads = archmod.qk_heads(spec, job.hf_name, src.text_config) if job.hf_name else None
@@ -130,11 +130,11 @@ class EncodedTensor:
 
         job = self.job
         if job.hf_name is None:
-            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1)
+            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1).to(self.device)
         if len(job.shape) > 1:
-            t = self.src.get(job.hf_name, rows=(start, stop)).to(torch.float32)
+            t = self.src.get(job.hf_name, rows=(start, stop)).to(self.device, torch.float32)
         else:
-            t = self.src.get(job.hf_name).to(torch.float32).reshape(1, -1)
+            t = self.src.get(job.hf_name).to(self.device, torch.float32).reshape(1, -1)
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values",
@@ -150,12 +150,12 @@ class EncodedTensor:
         if self.imatrix is not None and self.fmt.takes_imatrix:
             import torch
 
-            imat = torch.as_tensor(self.imatrix, dtype=torch.float32)
+            imat = torch.as_tensor(self.imatrix, dtype=torch.float32).to(self.device)
             if imat.numel() != self.job.shape[-1]:
                 raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, "
                                  f"its rows have {self.job.shape[-1]}")
         for start, stop in self.ranges:
-            yield self.fmt.quantize(self._rows(start, stop), imat).contiguous().numpy()
+            yield self.fmt.quantize(self._rows(start, stop), imat).contiguous().cpu().numpy()
 
     def tofile(self, fout: Any) -> None:
         written = 0
@@ -164,6 +164,15 @@ class EncodedTensor:
             written += chunk.nbytes
         if written != self.nbytes:
             raise InputError(f"{self.job.gguf_name}: encoded {written} bytes, expected {self.nbytes}")
+
+
+def size_label(n_params: int) -> str:
+    """``135M``, ``8.0B``: the parameter count as llama.cpp's converter labels it."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n_params >= scale:
+            value = n_params / scale
+            return f"{value:.0f}{suffix}" if value >= 100 or suffix in "MK" else f"{value:.1f}{suffix}"
+    return str(n_params)
 
 
 def general_name(src: ModelSource) -> str:
@@ -176,10 +185,21 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
                 imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
                 force: bool = False, progress: Progress = _no_progress) -> Path:
     """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types)."""
+    src = ModelSource.open(model)
+    try:
+        return write_gguf(src, output, qtype, imatrix=imatrix, plan=plan, force=force, progress=progress)
+    finally:
+        src.close()
+
+
+def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f16",
+               imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
+               force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
+               chunk_elems: int = CHUNK_ELEMS) -> Path:
+    """Write the model behind ``src`` (anything shaped like :class:`ModelSource`) as GGUF; quantize on ``device``."""
     import gguf
 
     mix = get_mix(qtype)
-    src = ModelSource.open(model)
     spec = archmod.arch_for(src.model_type)
     jobs = plan_tensors(src, spec)
     imat = None
@@ -201,6 +221,7 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
         w = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
         w.add_type("model")
         w.add_name(general_name(src))
+        w.add_size_label(size_label(sum(src.numel(n) for n in src.tensors)))
         w.add_quantized_by(f"quantforge {__version__}")
         archmod.write_hparams(w, spec, src.text_config)
         w.add_file_type(mix.file_type)
@@ -220,9 +241,8 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
         w.write_ti_data_to_file()
         for j in progress(jobs, total=len(jobs), desc=f"gguf {mix.name}", unit="tensor"):
             vec = imat.for_tensor(j.gguf_name) if imat is not None else None
-            w.write_tensor_data(EncodedTensor(src, spec, j, vec))
+            w.write_tensor_data(EncodedTensor(src, spec, j, vec, chunk_elems=chunk_elems, device=device))
         w.close()
-    src.close()
     return Path(output)
 
 
