@@ -1,31 +1,41 @@
-"""Shared pieces of the legacy codecs (Q4_0, Q4_1, Q5_0, Q5_1) and the IQ4 codecs (pure PyTorch, any device).
+"""Shared pieces of the legacy codecs (Q4_0, Q4_1, Q5_0, Q5_1), also used by the IQ4 codecs (PyTorch, any device).
 
 ggml's quantizers are scalar C loops: float32 arithmetic, sums accumulated left to right, no FMA contraction
 (the ``libggml-base`` that llama-cpp-python ships has none). The helpers here reproduce those roundings where a
 decision depends on them, so that our bytes match llama.cpp's block for block:
 
-* sums that feed a search use ``_search.seqsum`` (left-to-right float32 adds; ``torch.sum`` is pairwise);
+* sums that feed a search are left-to-right float32 sums (:func:`seqsum_cols`; ``torch.sum`` is pairwise);
+* square roots are correctly rounded (:func:`sqrt_f32`; PyTorch's CPU float32 ``sqrt`` is not);
 * divisions by constants go through :func:`fdiv` / ``_search.cdiv`` (exact on CUDA too);
 * ``int8_t(v + 8.5f)`` style truncations are computed as separate float32 ops, then truncated.
 
-Work runs position-major: a batch of 32-weight blocks is held as ``(32, n_blocks)`` so that the loop over the
-positions of a block is a loop over contiguous rows.
+Searches run position-major: a batch of 32-weight blocks is held as ``(32, n_blocks)`` (as in :mod:`._search`),
+so the loop over the positions of a block is a loop over contiguous rows. Block layouts: ``d: f16``, then
+``m: f16`` for the types with a min, then ``qh[4]`` (bit 4 of each 5-bit code, little-endian u32) for the 5-bit
+types, then ``qs[16]`` (element ``j`` in the low nibble of byte ``j``, element ``j + 16`` in its high nibble).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import UnsupportedFormat
-from ._blocks import as_byte_blocks, bytes_to_f16, f16_to_bytes
+from ._blocks import as_byte_blocks, bytes_to_f16
 from ._search import cdiv, f32, qkx_search_t, qx_search_t, seqsum
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
-#: Elements per chunk of rows quantized at once (temporaries stay cache-sized on CPU, launches few on CUDA).
-CHUNK_ELEMS = {"cpu": 1 << 17, "cuda": 1 << 24}
+#: Weights per chunk of rows quantized at once, by (device type, path). On CPU the searches keep temporaries of
+#: 2^17 floats (512 KiB), which stay in cache and are reused by the allocator (larger fresh buffers cost page
+#: faults on every op); the one-pass ref paths take larger chunks to spend less on Python. On CUDA, few launches.
+CHUNK_ELEMS = {("cpu", "search"): 1 << 17, ("cpu", "ref"): 1 << 19}
+CHUNK_ELEMS_OTHER = 1 << 24
+
+Encoder = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
 
 def fdiv(t: torch.Tensor, c: float) -> torch.Tensor:
@@ -36,42 +46,55 @@ def fdiv(t: torch.Tensor, c: float) -> torch.Tensor:
 def sqrt_f32(t: torch.Tensor) -> torch.Tensor:
     """Correctly rounded float32 square root (C ``sqrtf``).
 
-    PyTorch's vectorized CPU ``sqrt`` for float32 is off by one ulp for about 17% of inputs; the float64 square
-    root rounded to float32 is exact (53 >= 2*24 + 2 bits), so CPU tensors go through float64. CUDA's is exact.
+    PyTorch's vectorized CPU ``sqrt`` for float32 is off by one ulp for about 17% of inputs (and slower than
+    NumPy's, which uses the exact hardware instruction), so CPU tensors go through NumPy. CUDA's is exact.
     """
-    if t.device.type == "cuda":
+    if t.device.type != "cpu":
         return torch.sqrt(t)
-    return torch.sqrt(t.to(torch.float64)).to(torch.float32)
+    return torch.from_numpy(np.sqrt(t.contiguous().numpy()))
+
+
+def seqsum_cols(t: torch.Tensor) -> torch.Tensor:
+    """Left-to-right float32 sum over dim 0 of a 2-D ``(n, G)`` tensor, as ``_search.seqsum`` computes it.
+
+    On CPU with ``G >= 2`` NumPy's reduction over the outer axis of a C-contiguous array does the same adds in
+    the same order (row by row into one accumulator per column) in one call; a test checks the equality.
+    With ``G == 1`` NumPy would reduce along a contiguous run, pairwise, so that case keeps the loop.
+    """
+    if t.device.type == "cpu" and t.dim() == 2 and t.shape[1] >= 2:
+        return torch.from_numpy(np.add.reduce(t.contiguous().numpy(), axis=0))
+    return seqsum(t)
 
 
 def signed_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """The element of largest magnitude along ``dim``, keeping its sign; the first one wins ties (as C's ``>``)."""
-    return x.gather(dim, x.abs().argmax(dim=dim, keepdim=True)).squeeze(dim)
+    """The element of largest magnitude along ``dim``, keeping its sign; the first one wins ties (as C's ``>``).
+
+    ``argmax`` over short rows is slow in PyTorch, so the answer comes from ``amax``/``amin``; only groups where
+    ``max == -min`` (both signs reach the magnitude, or all zeros) need the position of the first one.
+    """
+    lo, hi = torch.aminmax(x, dim=dim)
+    out = torch.where(hi >= -lo, hi, lo)
+    return _first_where(out, hi == -lo, x, dim, lambda g: g.abs().argmax(dim=-1, keepdim=True))
 
 
-def row_chunks(weight: torch.Tensor, block_size: int) -> Iterator[tuple[int, int]]:
-    """Validate a ``(rows, n_per_row)`` weight and yield ``(start, stop)`` row ranges of bounded size."""
-    if weight.dim() != 2:
-        raise UnsupportedFormat(f"expected a 2-D weight (rows, n_per_row), got shape {tuple(weight.shape)}")
-    rows, n = weight.shape
-    if n == 0 or n % block_size:
-        raise UnsupportedFormat(
-            f"row length {n} is not a positive multiple of the block size {block_size}; pad the rows or pick another format"
-        )
-    step = max(1, CHUNK_ELEMS.get(weight.device.type, CHUNK_ELEMS["cuda"]) // n)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
+def first_min(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.amin(dim)``, except that a zero minimum keeps the sign of its first occurrence (C's ``<`` loop)."""
+    out = x.amin(dim=dim)
+    return _first_where(out, out == 0, x, dim, lambda g: g.argmin(dim=-1, keepdim=True))
 
 
-def check_imatrix(imatrix: torch.Tensor | None, n_per_row: int, device: torch.device) -> torch.Tensor | None:
-    """Return the imatrix as float32 ``(n_per_row,)`` on ``device``, or raise when its length does not fit."""
-    if imatrix is None:
-        return None
-    if imatrix.dim() != 1 or imatrix.shape[0] != n_per_row:
-        raise UnsupportedFormat(
-            f"imatrix must be 1-D with one value per column ({n_per_row}), got shape {tuple(imatrix.shape)}"
-        )
-    return imatrix.to(device=device, dtype=torch.float32)
+def first_max(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.amax(dim)``, except that a zero maximum keeps the sign of its first occurrence (C's ``>`` loop)."""
+    out = x.amax(dim=dim)
+    return _first_where(out, out == 0, x, dim, lambda g: g.argmax(dim=-1, keepdim=True))
+
+
+def _first_where(out: torch.Tensor, redo: torch.Tensor, x: torch.Tensor, dim: int, pick) -> torch.Tensor:
+    """Replace ``out`` where ``redo`` by the element of ``x`` (along ``dim``) at ``pick(groups)`` (first occurrence)."""
+    if bool(redo.any()):
+        groups = x.movedim(dim, -1)[redo]
+        out = out.masked_scatter(redo, groups.gather(-1, pick(groups)).squeeze(-1))
+    return out
 
 
 def quantize_rows(
@@ -79,86 +102,97 @@ def quantize_rows(
     imatrix: torch.Tensor | None,
     block_size: int,
     type_size: int,
-    encode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    encode: Encoder,
+    path: str = "search",
 ) -> torch.Tensor:
-    """Run ``encode(x_chunk, imatrix)`` -> ``(chunk_rows * blocks_per_row, type_size)`` uint8 over row chunks.
+    """Validate ``weight`` ``(rows, n)`` and ``imatrix`` ``(n,)``, then fill ``(rows, n/bs*ts)`` bytes chunk by chunk.
 
-    ``x_chunk`` is the float32 ``(chunk_rows, n_per_row)`` slice; the result is ``(rows, n/bs*ts)`` bytes.
+    ``encode(x, qw, out)`` gets float32 rows ``x`` ``(chunk_rows, n)``, the float32 imatrix (or None) and the
+    uint8 view ``out`` ``(chunk_rows * n / block_size, type_size)`` of those rows' blocks, which it fills.
+    ``path`` ("search" or "ref") picks the chunk size from :data:`CHUNK_ELEMS`.
     """
-    chunks = list(row_chunks(weight, block_size))
+    if weight.dim() != 2:
+        raise UnsupportedFormat(f"expected a 2-D weight (rows, n_per_row), got shape {tuple(weight.shape)}")
     rows, n = weight.shape
-    qw = check_imatrix(imatrix, n, weight.device)
+    if n == 0 or n % block_size:
+        raise UnsupportedFormat(
+            f"row length {n} is not a positive multiple of the block size {block_size}; "
+            "pad the rows or pick a format with smaller blocks"
+        )
+    qw = None
+    if imatrix is not None:
+        if imatrix.dim() != 1 or imatrix.shape[0] != n:
+            raise UnsupportedFormat(
+                f"imatrix must be 1-D with one value per column ({n}), got shape {tuple(imatrix.shape)}"
+            )
+        qw = imatrix.to(device=weight.device, dtype=torch.float32).contiguous()
     out = torch.empty((rows, n // block_size * type_size), dtype=torch.uint8, device=weight.device)
-    for start, stop in chunks:
-        x = weight[start:stop].to(torch.float32)
-        out[start:stop] = encode(x, qw).reshape(stop - start, -1)
+    step = max(1, CHUNK_ELEMS.get((weight.device.type, path), CHUNK_ELEMS_OTHER) // n)
+    # Whole multiples of 32 blocks per chunk where possible (``_search.seqsum`` pads other widths).
+    align = 32 // math.gcd(n // 32, 32)
+    if step > align:
+        step -= step % align
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        encode(weight[start:stop].to(torch.float32), qw, out[start:stop].view(-1, type_size))
     return out
 
 
-def legacy_weights(x: torch.Tensor, qw: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Importance weights of the legacy ``_impl`` quantizers, ``qw * sqrt(sigma2 + x^2)``, ``sigma2`` the row mean of x^2.
+def position_major(x: torch.Tensor) -> torch.Tensor:
+    """Float32 rows ``(rows, n)`` -> ``(32, rows * n / 32)``: column ``b`` is block ``b`` in row-major block order."""
+    return x.reshape(-1, 32).t().contiguous()
 
-    ``x``: float32 ``(rows, n)``; ``qw``: ``(n,)``. Returns ``(rows * n / block_size, block_size)``.
+
+def importance_weights(
+    xt: torch.Tensor, qw: torch.Tensor, rows: int, group: int, sigma2_of: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``qw * sqrt(sigma2 + x^2)`` for position-major weights ``xt`` ``(32, rows * n / 32)``.
+
+    ``qw``: imatrix ``(n,)``. ``sigma2 = sigma2_of(Σx²)`` per run of ``group`` consecutive weights of a row (the
+    whole row for the legacy types, the super-block for IQ4), the sum taken left to right as ggml does.
     """
-    rows, n = x.shape
-    x2 = x * x
-    sigma2 = fdiv(seqsum(x2.t().contiguous()), float(n))
-    w = qw[None, :] * sqrt_f32(sigma2[:, None] + x2)
-    return w.reshape(-1, block_size)
+    nb = qw.shape[0] // 32
+    k = group // 32
+    x2 = xt * xt
+    runs = x2 if k == 1 else x2.reshape(32, -1, k).permute(2, 0, 1).reshape(group, -1)
+    sigma2 = sigma2_of(seqsum_cols(runs))
+    v = x2.reshape(32, rows, nb // k, k).add_(sigma2.reshape(1, rows, nb // k, 1))
+    w = sqrt_f32(v).reshape(32, rows, nb // k, k)
+    return w.mul_(qw.reshape(nb, 32).t().reshape(32, 1, nb // k, k)).reshape(32, -1)
 
 
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """Codes ``(n_blocks, 32)`` (only the low 4 bits used) -> ``(n_blocks, 16)`` bytes: element ``j`` low, ``j+16`` high."""
-    q = q.to(torch.uint8)
-    return (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+def put_f16(out: torch.Tensor, col: int, v: torch.Tensor) -> None:
+    """Write ``v`` ``(n_blocks,)`` as little-endian fp16 (round to nearest even) to bytes ``col, col+1`` of ``out``."""
+    out[:, col : col + 2] = v.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def put_nibbles(out: torch.Tensor, col: int, codes: torch.Tensor) -> None:
+    """Write codes ``(..., 32)`` uint8 (< 16) as ``qs[16]`` at byte ``col`` of ``out`` ``(..., bytes)``: element ``j``
+    in the low nibble of byte ``j``, element ``j + 16`` in its high nibble."""
+    torch.bitwise_or(codes[..., :16], codes[..., 16:] << 4, out=out[..., col : col + 16])
 
 
 def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """Bytes ``(n_blocks, 16)`` -> codes ``(n_blocks, 32)`` uint8, the inverse of :func:`pack_nibbles`."""
+    """Bytes ``(n_blocks, 16)`` -> codes ``(n_blocks, 32)`` uint8, the inverse of :func:`put_nibbles`."""
     return torch.cat([qs & 15, qs >> 4], dim=1)
 
 
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    return (1 << torch.arange(8, device=device, dtype=torch.int32)).reshape(1, 1, 8)
+def put_high_bits(out: torch.Tensor, col: int, codes: torch.Tensor) -> None:
+    """Write bit 4 of codes ``(n_blocks, 32)`` uint8 as ``qh[4]`` at byte ``col`` (LE u32, bit ``j`` = element ``j``).
 
-
-def pack_high_bits(q: torch.Tensor) -> torch.Tensor:
-    """5-bit codes ``(n_blocks, 32)`` -> ``qh`` ``(n_blocks, 4)`` bytes: bit 4 of element ``j`` is bit ``j`` of the LE u32."""
-    h = ((q.to(torch.int32) >> 4) & 1).reshape(-1, 4, 8)
-    return (h * _bit_weights(q.device)).sum(dim=2).to(torch.uint8)
+    Each run of 8 codes is read as one int64 with the bits at 0, 8, ..., 56 and folded to one byte by shifts.
+    """
+    v = ((codes >> 4) & 1).contiguous().view(torch.int64)
+    v = v | (v >> 7)
+    v = v | (v >> 14)
+    v = v | (v >> 28)
+    out[:, col : col + 4] = (v & 255).to(torch.uint8)
 
 
 def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
     """``qh`` ``(n_blocks, 4)`` bytes -> ``(n_blocks, 32)`` uint8 values 0/16 (bit 4 of each element's code)."""
-    bits = (qh.to(torch.int32)[:, :, None] >> torch.arange(8, device=qh.device, dtype=torch.int32)) & 1
-    return (bits.reshape(-1, 32) << 4).to(torch.uint8)
-
-
-def unpack_legacy(data: torch.Tensor, type_size: int, has_min: bool, five_bit: bool):
-    """Split packed legacy blocks into ``(d, m, q)``: float32 ``(n_blocks, 1)`` scales/mins (``m`` None without
-    a min) and uint8 codes ``(n_blocks, 32)`` (0..15 or 0..31)."""
-    b = as_byte_blocks(data, type_size)
-    d = bytes_to_f16(b[:, 0:2])
-    off = 2
-    m = None
-    if has_min:
-        m = bytes_to_f16(b[:, 2:4])
-        off = 4
-    q = unpack_nibbles(b[:, off + 4 * five_bit:])
-    if five_bit:
-        q = q | unpack_high_bits(b[:, off:off + 4])
-    return d, m, q
-
-
-def pack_legacy(d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor, five_bit: bool) -> torch.Tensor:
-    """Inverse of :func:`unpack_legacy`: ``d``/``m`` float ``(n_blocks,)`` (rounded to fp16 here), codes ``(n_blocks, 32)``."""
-    parts = [f16_to_bytes(d.reshape(-1, 1))]
-    if m is not None:
-        parts.append(f16_to_bytes(m.reshape(-1, 1)))
-    if five_bit:
-        parts.append(pack_high_bits(q))
-    parts.append(pack_nibbles(q))
-    return torch.cat(parts, dim=1)
+    bits = (qh[:, :, None] >> torch.arange(8, device=qh.device, dtype=torch.uint8)) & 1
+    return bits.reshape(-1, 32) << 4
 
 
 @dataclass(frozen=True)
@@ -181,64 +215,94 @@ class LegacySpec:
     def half(self) -> int:
         return 1 << (self.bits - 1)
 
+    @property
+    def qs_col(self) -> int:
+        return 2 + 2 * self.has_min + 4 * (self.bits == 5)
 
-def encode_ref(x: torch.Tensor, spec: LegacySpec) -> torch.Tensor:
-    """ggml's ``quantize_row_q{4,5}_{0,1}_ref`` on float32 blocks ``(n_blocks, 32)`` -> packed ``(n_blocks, type_size)``."""
+
+def pack_legacy(
+    out: torch.Tensor, spec: LegacySpec, d: torch.Tensor, m: torch.Tensor | None, codes: torch.Tensor
+) -> None:
+    """Fill blocks ``out`` ``(n_blocks, type_size)`` from ``d``/``m`` ``(n_blocks,)`` and codes ``(n_blocks, 32)``."""
+    codes = codes.to(torch.uint8)
+    put_f16(out, 0, d)
     if spec.has_min:
-        mn = x.gather(1, x.argmin(dim=1, keepdim=True)).squeeze(1)
-        mx = x.gather(1, x.argmax(dim=1, keepdim=True)).squeeze(1)
-        d = fdiv(mx - mn, float(spec.top))
+        put_f16(out, 2, m)
+    if spec.bits == 5:
+        put_high_bits(out, 2 + 2 * spec.has_min, codes)
+        codes = codes & 15
+    put_nibbles(out, spec.qs_col, codes)
+
+
+def encode_ref(x: torch.Tensor, spec: LegacySpec, out: torch.Tensor) -> None:
+    """ggml's ``quantize_row_q{4,5}_{0,1}_ref`` on float32 rows: the codes come from ``d`` in float32, truncated."""
+    x = x.reshape(-1, 32)
+    if spec.has_min:
+        mn = first_min(x, 1)
+        d = fdiv(first_max(x, 1) - mn, float(spec.top))
         inv = torch.where(d != 0, cdiv(1.0, d), 0.0)
         v = (x - mn[:, None]).mul_(inv[:, None]).add_(0.5)
     else:
         # ggml starts the running max at +0.0, so an all-zero block gets max = +0.0 and d = -0.0.
-        mx = signed_absmax(x, 1) + 0.0
-        d = fdiv(mx, -float(spec.half))
+        d = fdiv(signed_absmax(x, 1) + 0.0, -float(spec.half))
         inv = torch.where(d != 0, cdiv(1.0, d), 0.0)
         v = (x * inv[:, None]).add_(spec.half + 0.5)
         mn = None
-    q = v.to(torch.int32)
+    q = v.to(torch.uint8)
     if spec.clamp_ref:
         q.clamp_(max=spec.top)
-    return pack_legacy(d, mn, q, spec.bits == 5)
+    pack_legacy(out, spec, d, mn, q)
 
 
-def encode_imatrix(x: torch.Tensor, qw: torch.Tensor, spec: LegacySpec) -> torch.Tensor:
+def encode_imatrix(x: torch.Tensor, qw: torch.Tensor, spec: LegacySpec, out: torch.Tensor) -> None:
     """ggml's ``quantize_row_q{4,5}_{0,1}_impl`` on float32 rows ``(rows, n)`` with imatrix ``qw`` ``(n,)``.
 
     Weights ``qw * sqrt(sigma2 + x^2)`` (``sigma2`` = row mean of x^2); symmetric types search with
     ``make_qx_quants(32, 2**(bits-1))``, asymmetric ones with ``make_qkx3_quants(32, 2**bits-1, -0.9, 0.05, 36)``.
     The codes of the search are stored as they are (no second pass with the fp16 scale).
     """
-    xt = x.reshape(-1, 32).t().contiguous()
-    wt = legacy_weights(x, qw, 32).t().contiguous()
+    rows, n = x.shape
+    xt = position_major(x)
+    wt = importance_weights(xt, qw, rows, n, lambda s: fdiv(s, float(n)))
     if spec.has_min:
         d, the_min, L = qkx_search_t(xt, wt, spec.top, f32(-0.9), f32(0.05), 36, False, strict_flat=False)
-        m = (-the_min) + 0.0
+        # ggml stores m = -the_min = its final min: +0.0 when that is zero, except in flat blocks (max <= min),
+        # which keep the block's first minimum with its sign (an all-zero block starting with -0.0 has m = -0.0).
+        lo = first_min(xt, 0)
+        flat = xt.amax(dim=0) <= lo.clamp(max=0.0)
+        m = torch.where(flat, lo, (-the_min) + 0.0)
     else:
         d, L = qx_search_t(xt, spec.half, wt)
         m = None
-    return pack_legacy(d, m, L.t(), spec.bits == 5)
+    pack_legacy(out, spec, d, m, L.t())
 
 
-def quantize_legacy(weight: torch.Tensor, imatrix: torch.Tensor | None, spec: LegacySpec, type_size: int) -> torch.Tensor:
+def quantize_legacy(
+    weight: torch.Tensor, imatrix: torch.Tensor | None, spec: LegacySpec, type_size: int
+) -> torch.Tensor:
     """The codec ``quantize`` of a legacy type: ref path without an imatrix, ``_impl`` path with one."""
     if imatrix is None:
-        return quantize_rows(weight, None, 32, type_size, lambda x, _: encode_ref(x.reshape(-1, 32), spec))
-    return quantize_rows(weight, imatrix, 32, type_size, lambda x, qw: encode_imatrix(x, qw, spec))
+        return quantize_rows(weight, None, 32, type_size, lambda x, _, out: encode_ref(x, spec, out), "ref")
+    return quantize_rows(weight, imatrix, 32, type_size, lambda x, qw, out: encode_imatrix(x, qw, spec, out))
 
 
 def dequantize_legacy(data: torch.Tensor, spec: LegacySpec, type_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The codec ``dequantize`` of a legacy type (reference): ``(rows, nbytes)`` uint8 -> ``(rows, n)``."""
-    d, m, q = unpack_legacy(data, type_size, spec.has_min, spec.bits == 5)
+    b = as_byte_blocks(data, type_size)
+    d = bytes_to_f16(b[:, 0:2])
+    q = unpack_nibbles(b[:, spec.qs_col :])
+    if spec.bits == 5:
+        q = q | unpack_high_bits(b[:, 2 + 2 * spec.has_min : spec.qs_col])
     if spec.has_min:
-        y = d * q.to(torch.float32) + m
+        y = d * q.to(torch.float32) + bytes_to_f16(b[:, 2:4])
     else:
         y = d * (q.to(torch.int32) - spec.half).to(torch.float32)
     return y.to(dtype).reshape(data.shape[0], -1)
 
 
-def launch_dequant(kernel, data: torch.Tensor, block_size: int, type_size: int, dtype: torch.dtype, blocks_per_program: int) -> torch.Tensor:
+def launch_dequant(
+    kernel, data: torch.Tensor, block_size: int, type_size: int, dtype: torch.dtype, blocks_per_program: int
+) -> torch.Tensor:
     """Run a ``kernel(src, dst, n_blocks, BLOCKS=...)`` dequantize kernel over ``(rows, nbytes)`` uint8 ``data``.
 
     FMA contraction is turned off so ``d * q + m`` rounds twice, as the C, gguf-py and PyTorch references do.
@@ -264,20 +328,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def dequant_legacy_blocks(src, blk, mask, TS: tl.constexpr, HAS_MIN: tl.constexpr, FIVE_BIT: tl.constexpr):
-        """Float32 tile ``[len(blk), 32]`` of legacy blocks ``blk`` (layout ``d, [m], [qh], qs``; see module doc)."""
+        """Float32 tile ``[len(blk), 32]`` of legacy blocks ``blk`` (layout ``d, [m], [qh], qs``; see module doc).
+
+        ``d * q + m`` is written as two operations; launch with ``enable_fp_fusion=False`` for bit-exact output.
+        """
         base = blk.to(tl.int64) * TS
         d = load_f16(src + base, mask)
         e = tl.arange(0, 32)
-        qs = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN + 4 * FIVE_BIT) + (e % 16)[None, :], mask=mask[:, None], other=0)
+        m2 = mask[:, None]
+        qs = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN + 4 * FIVE_BIT) + (e % 16)[None, :], mask=m2, other=0)
         q = (qs.to(tl.int32) >> ((e // 16) * 4)[None, :]) & 15
         if FIVE_BIT:
-            qh = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN) + (e // 8)[None, :], mask=mask[:, None], other=0)
+            qh = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN) + (e // 8)[None, :], mask=m2, other=0)
             q = q | (((qh.to(tl.int32) >> (e % 8)[None, :]) & 1) << 4)
         if HAS_MIN:
             m = load_f16(src + base + 2, mask)
             y = d[:, None] * q.to(tl.float32) + m[:, None]
         else:
-            y = d[:, None] * (q - (8 << FIVE_BIT)).to(tl.float32)
+            y = d[:, None] * (q - (8 + 8 * FIVE_BIT)).to(tl.float32)
         return y
 
     @triton.jit
