@@ -107,20 +107,23 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--types", default="q8_0,q6_k,q5_k,q4_k,q3_k,q2_k,iq4_xs,q4_0,q5_0")
     ap.add_argument("--chunk-elems", type=int, default=1 << 26)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick functional check")
     args = ap.parse_args()
     import torch
 
     from quantforge.exporters.gguf.writer import write_gguf
 
-    device = "cuda"
+    device = args.device
     tok = Path(args.tokenizer) if args.tokenizer else None
     if tok is None:
         from quantforge import fixtures
 
         tok = fixtures.smollm2("plain")
-    src = synthetic_source(LLAMA_8B, tok, device)
+    src = synthetic_source({**LLAMA_8B, "num_hidden_layers": args.layers}, tok, device)
     n_params = sum(src.numel(n) for n in src.tensors)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = write_gguf(src, args.out, "q4_k_m", force=True, device=device, chunk_elems=args.chunk_elems)
     wall = time.perf_counter() - t0
@@ -129,6 +132,8 @@ def main() -> None:
                 [["Llama-3.1-8B-shaped (random, on GPU)", "q4_k_m", f"{n_params / 1e9:.2f}B", wall, size / 1e9,
                   n_params * 2 / wall / 1e9]]))
     print()
+    if device != "cuda":
+        return
     print(table(["format", "imatrix", "quantize ms (14336x4096)", "quantize GB/s", "triton dequant GB/s",
                  "triton == reference"], kernel_throughput(args.types.split(","), device)))
 
