@@ -10,6 +10,8 @@ Layout conventions used by the codecs (GGUF.md §1-2):
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -19,17 +21,45 @@ from ._blocks import as_blocks, as_byte_blocks
 from ._search import cdiv, qkx_search_t, qp_search_t, seqsum, sqrt_f32
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
-CHUNK_ELEMENTS = 1 << 20
-"""Rows are quantized in chunks of about this many weights, to keep the temporaries cache-sized."""
+CHUNK_ELEMENTS = 1 << 19
+"""On CPU, rows are quantized in chunks of about this many weights so the search temporaries stay cache-sized."""
+DEVICE_CHUNK_ELEMENTS = 1 << 24
+"""On a GPU, chunks are as large as memory comfortably allows (each torch op is a kernel launch)."""
+
+PARALLEL_MIN_ELEMENTS = 1 << 17
+"""CPU tensors smaller than this are quantized on the calling thread alone."""
 
 Encoder = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def quantize_rows(weight: torch.Tensor, imatrix: torch.Tensor | None, fmt: QuantFormat, encode: Encoder) -> torch.Tensor:
+def _row_chunks(rows: int, n: int, on_cpu: bool, workers: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into near-equal chunks of at most about the chunk size; for ``workers > 1`` and enough
+    weights, a multiple of ``workers`` of them so the threads get equal shares."""
+    if rows == 0:
+        return []
+    limit = CHUNK_ELEMENTS if on_cpu else DEVICE_CHUNK_ELEMENTS
+    count = min(rows, -(-rows * n // limit))
+    if workers > 1 and rows * n >= PARALLEL_MIN_ELEMENTS:
+        count = min(rows, -(-count // workers) * workers)
+    step = -(-rows // count)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _single_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def quantize_rows(
+    weight: torch.Tensor, imatrix: torch.Tensor | None, fmt: QuantFormat, encode: Encoder
+) -> torch.Tensor:
     """Validate ``weight`` ``(rows, n)`` / ``imatrix`` ``(n,)`` and run ``encode`` on row chunks.
 
     ``encode(x, qw)`` gets super-blocks ``x`` ``(S, block)`` float32 and the matching importance ``qw`` (same
     shape, or None) and returns packed ``(S, type_size)`` uint8.
+
+    On CPU with ``torch.get_num_threads() > 1`` the chunks run on that many worker threads, each with
+    single-threaded ops: the searches are long chains of medium-sized ops whose Python dispatch would otherwise
+    serialize (PyTorch releases the GIL inside each op). Call ``torch.set_num_threads(1)`` to keep it serial.
     """
     as_blocks(weight[:1], fmt.block_size)
     rows, n = weight.shape
@@ -41,12 +71,26 @@ def quantize_rows(weight: torch.Tensor, imatrix: torch.Tensor | None, fmt: Quant
             )
         imatrix = imatrix.to(device=weight.device, dtype=torch.float32)
     out = torch.empty((rows, fmt.nbytes((1, n))), dtype=torch.uint8, device=weight.device)
-    step = max(1, CHUNK_ELEMENTS // n)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
+    on_cpu = weight.device.type == "cpu"
+    threads = torch.get_num_threads() if on_cpu else 1
+    chunks = _row_chunks(rows, n, on_cpu, threads)
+
+    def run(chunk: tuple[int, int]) -> None:
+        r0, r1 = chunk
         x = weight[r0:r1].to(torch.float32).reshape(-1, fmt.block_size)
         qw = None if imatrix is None else imatrix.expand(r1 - r0, n).reshape(-1, fmt.block_size)
         out[r0:r1] = encode(x, qw).reshape(r1 - r0, -1)
+
+    workers = min(threads, len(chunks))
+    if workers <= 1:
+        for chunk in chunks:
+            run(chunk)
+        return out
+    try:
+        with ThreadPoolExecutor(workers, initializer=_single_thread_worker) as pool:
+            list(pool.map(run, chunks))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -58,7 +102,7 @@ def byte_blocks(data: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
 
 
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> fp16 (round to nearest even) -> float32, i.e. what ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))`` gives."""
+    """float32 -> fp16 (round to nearest even) -> float32: ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(x))``."""
     return x.to(torch.float16).to(torch.float32)
 
 
@@ -99,7 +143,7 @@ def block_sum_sq(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_crumbs(L: torch.Tensor) -> torch.Tensor:
-    """2-bit codes ``(S, 256)`` -> ``(S, 64)``: byte ``32h + l`` holds elements ``128h + 32c + l`` at bits ``2c`` (Q2_K/Q3_K)."""
+    """2-bit codes ``(S, 256)`` -> ``(S, 64)``: byte ``32h + l`` holds element ``128h + 32c + l`` at bits ``2c``."""
     q = L.reshape(-1, 2, 4, 32)
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
@@ -114,9 +158,7 @@ def pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """Eight 6-bit scales and mins ``(S, 8)`` -> the 12 packed bytes of Q4_K/Q5_K (GGUF.md §1)."""
     lo_s, hi_s = ls[:, :4], ls[:, 4:]
     lo_m, hi_m = lm[:, :4], lm[:, 4:]
-    return torch.cat(
-        [lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], dim=1
-    )
+    return torch.cat([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], dim=1)
 
 
 def unpack_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +170,7 @@ def unpack_scales_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def requant_asym(xs: torch.Tensor, L: torch.Tensor, dj: torch.Tensor, mj: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Codes ``clamp(nearest((x + m_j) / d_j), 0, nmax)`` on the transposed layout; groups with ``d_j == 0`` keep ``L``."""
+    """Codes ``clamp(nearest((x + m_j) / d_j), 0, nmax)`` on the transposed layout; ``d_j == 0`` keeps ``L``."""
     new = torch.add(xs, mj).div_(dj).round_().clamp_(0, nmax).to(torch.int32)
     return torch.where(dj != 0, new, L)
 
@@ -188,7 +230,9 @@ def q45_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (d[:, None] * sc.to(torch.float32)).unsqueeze(-1), (dmin[:, None] * m.to(torch.float32)).unsqueeze(-1)
 
 
-def launch_dequant(kernel, data: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype, blocks_per_program: int) -> torch.Tensor:
+def launch_dequant(
+    kernel: Any, data: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype, blocks_per_program: int
+) -> torch.Tensor:
     """Run a standalone K-quant dequantize ``kernel(src, dst, n_blocks, BLOCKS, QK)`` over all blocks of ``data``.
 
     FMA contraction is switched off so that ``d*q - m`` rounds exactly like the PyTorch reference.

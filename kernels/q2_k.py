@@ -118,6 +118,8 @@ if HAVE_TRITON:
         store_tile(dst, blk, mask, dequant_q2_k_blocks(src, blk, mask, QK), QK)
 
 
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16) -> torch.Tensor:
+def dequantize_triton(
+    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
+) -> torch.Tensor:
     """Triton dequantize, same result as :func:`dequantize`."""
     return launch_dequant(dequant_q2_k_kernel, data, FMT, dtype, blocks_per_program)

@@ -35,7 +35,7 @@ from ._kq_common import (
     to_groups,
     unpack_crumbs,
 )
-from ._search import q3_search_t, qx_search_t, seqsum, sqrt_f32
+from ._search import max_abs_signed, q3_search_t, qx_search_t, seqsum, sqrt_f32
 from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("q3_k")
@@ -46,7 +46,8 @@ def _pack_scales(ls: torch.Tensor) -> torch.Tensor:
     """Sixteen 6-bit scales ``(S, 16)`` (already ``+32``) -> the 12 packed bytes."""
     lo = ls & 15
     hi = (ls >> 4).reshape(-1, 4, 4)
-    return torch.cat([lo[:, :8] | (lo[:, 8:] << 4), hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)], dim=1)
+    high = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return torch.cat([lo[:, :8] | (lo[:, 8:] << 4), high], dim=1)
 
 
 def _unpack_scales(b: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,7 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is None:
         scale, L = q3_search_t(xs, 4)
         sc = scale.view(S, 16)
-        idx = sc.abs().argmax(dim=1, keepdim=True)
-        max_scale = sc.gather(1, idx).squeeze(1)
+        max_scale = max_abs_signed(sc, dim=1)
         nz = max_scale != 0
         iscale = cdiv(-32.0, torch.where(nz, max_scale, torch.ones_like(max_scale)))
         ls = (sc * iscale[:, None]).round_().clamp_(-32, 31).to(torch.int32).add_(32)
@@ -115,14 +115,14 @@ if HAVE_TRITON:
         base = blk.to(tl.int64) * 110
         e = tl.arange(0, QK)
         j = (e // 16)[None, :]
-        l = (e % 32)[None, :]
+        ln = (e % 32)[None, :]
         m2 = mask[:, None]
         d = load_f16(src, base + 108, mask)[:, None]
         lo_b = load_u8(src, base[:, None] + 96 + j % 8, m2)
         hi_b = load_u8(src, base[:, None] + 104 + j % 4, m2)
         sc = (((lo_b >> ((j // 8) * 4)) & 15) | (((hi_b >> (2 * (j // 4))) & 3) << 4)) - 32
-        qb = load_u8(src, base[:, None] + 32 + (e // 128)[None, :] * 32 + l, m2)
-        hm = load_u8(src, base[:, None] + l, m2)
+        qb = load_u8(src, base[:, None] + 32 + (e // 128)[None, :] * 32 + ln, m2)
+        hm = load_u8(src, base[:, None] + ln, m2)
         low = (qb >> (((e % 128) // 32) * 2)[None, :]) & 3
         q = low - ((((hm >> (e // 32)[None, :]) & 1) ^ 1) << 2)
         return (d * sc.to(tl.float32)) * q.to(tl.float32)
@@ -134,6 +134,8 @@ if HAVE_TRITON:
         store_tile(dst, blk, mask, dequant_q3_k_blocks(src, blk, mask, QK), QK)
 
 
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16) -> torch.Tensor:
+def dequantize_triton(
+    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
+) -> torch.Tensor:
     """Triton dequantize, same result as :func:`dequantize`."""
     return launch_dequant(dequant_q3_k_kernel, data, FMT, dtype, blocks_per_program)

@@ -73,13 +73,13 @@ if HAVE_TRITON:
         base = blk.to(tl.int64) * 176
         e = tl.arange(0, QK)
         j = (e // 32)[None, :]
-        l = (e % 32)[None, :]
+        ln = (e % 32)[None, :]
         m2 = mask[:, None]
         d = load_f16(src, base, mask)[:, None]
         dmin = load_f16(src, base + 2, mask)[:, None]
         sc, m = scale_min_k4(src, base[:, None] + 4, j, m2)
-        qh = load_u8(src, base[:, None] + 16 + l, m2)
-        qb = load_u8(src, base[:, None] + 48 + (j // 2) * 32 + l, m2)
+        qh = load_u8(src, base[:, None] + 16 + ln, m2)
+        qb = load_u8(src, base[:, None] + 48 + (j // 2) * 32 + ln, m2)
         q = ((qb >> ((j % 2) * 4)) & 15) | (((qh >> j) & 1) << 4)
         return (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * m.to(tl.float32)
 
@@ -90,6 +90,8 @@ if HAVE_TRITON:
         store_tile(dst, blk, mask, dequant_q5_k_blocks(src, blk, mask, QK), QK)
 
 
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16) -> torch.Tensor:
+def dequantize_triton(
+    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
+) -> torch.Tensor:
     """Triton dequantize, same result as :func:`dequantize`."""
     return launch_dequant(dequant_q5_k_kernel, data, FMT, dtype, blocks_per_program)

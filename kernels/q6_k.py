@@ -30,7 +30,7 @@ from ._kq_common import (
     store_tile,
     to_groups,
 )
-from ._search import GROUP_MAX_EPS, qx_search_t
+from ._search import GROUP_MAX_EPS, max_abs_signed, qx_search_t
 from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("q6_k")
@@ -42,8 +42,7 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     xs = to_groups(x, 16)
     scale, L = qx_search_t(xs, 32, None if qw is None else to_groups(qw, 16))
     sc = scale.view(S, 16)
-    idx = sc.abs().argmax(dim=1, keepdim=True)
-    max_scale = sc.gather(1, idx).squeeze(1)
+    max_scale = max_abs_signed(sc, dim=1)
     zero = max_scale.abs() < GROUP_MAX_EPS
     iscale = cdiv(-128.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
     d = fp16_round(cdiv(1.0, iscale)).masked_fill_(zero, 0.0)
@@ -71,8 +70,10 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     d = fp16_from(b[:, 208:210])
     sc = b[:, 192:208].to(torch.uint8).view(torch.int8).to(torch.float32)
     dl = (d[:, None] * sc).unsqueeze(-1)
-    ql = (b[:, :128].reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.int32, device=dev).view(1, 1, 2, 1)) & 15
-    qh = (b[:, 128:192].reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=dev).view(1, 1, 4, 1)) & 3
+    sh_l = torch.tensor([0, 4], dtype=torch.int32, device=dev).view(1, 1, 2, 1)
+    sh_h = torch.tensor([0, 2, 4, 6], dtype=torch.int32, device=dev).view(1, 1, 4, 1)
+    ql = (b[:, :128].reshape(-1, 2, 1, 64) >> sh_l) & 15
+    qh = (b[:, 128:192].reshape(-1, 2, 1, 32) >> sh_h) & 3
     q = (ql.reshape(-1, 2, 4, 32) | (qh << 4)) - 32
     return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(data.shape[0], -1).to(dtype)
 
@@ -89,12 +90,12 @@ if HAVE_TRITON:
         e = tl.arange(0, QK)
         h = (e // 128)[None, :]
         c = ((e % 128) // 32)[None, :]
-        l = (e % 32)[None, :]
+        ln = (e % 32)[None, :]
         m2 = mask[:, None]
         d = load_f16(src, base + 208, mask)[:, None]
         sc = tl.load(src + base[:, None] + 192 + (e // 16)[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
-        qlb = load_u8(src, base[:, None] + 64 * h + (c % 2) * 32 + l, m2)
-        qhb = load_u8(src, base[:, None] + 128 + 32 * h + l, m2)
+        qlb = load_u8(src, base[:, None] + 64 * h + (c % 2) * 32 + ln, m2)
+        qhb = load_u8(src, base[:, None] + 128 + 32 * h + ln, m2)
         q = (((qlb >> ((c // 2) * 4)) & 15) | (((qhb >> (2 * c)) & 3) << 4)) - 32
         return (d * sc.to(tl.float32)) * q.to(tl.float32)
 
@@ -105,6 +106,8 @@ if HAVE_TRITON:
         store_tile(dst, blk, mask, dequant_q6_k_blocks(src, blk, mask, QK), QK)
 
 
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16) -> torch.Tensor:
+def dequantize_triton(
+    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
+) -> torch.Tensor:
     """Triton dequantize, same result as :func:`dequantize`."""
     return launch_dequant(dequant_q6_k_kernel, data, FMT, dtype, blocks_per_program)
