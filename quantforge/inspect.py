@@ -119,4 +119,30 @@ def describe_checkpoint(path: Path) -> Report:
     meta = {"model_type": src.model_type, "architectures": src.config.get("architectures")}
     if qcfg:
         meta["quantization_config"] = json.dumps(qcfg, sort_keys=True)
+    if kind == "bnb4":
+        rows = _fold_bnb4(src, rows)
+    elif not qcfg and {r.type for r in rows if r.type.startswith(("f", "bf"))} <= {"f16", "bf16"}:
+        kind = "hf16"
     return Report(str(path), kind, meta, rows)
+
+
+def _fold_bnb4(src: Any, rows: list[TensorRow]) -> list[TensorRow]:
+    """One row per packed 4-bit weight: type nf4/fp4, its real shape, and all its bytes (codes, absmax, nested
+    absmax, code maps, quant-state JSON), so bits per weight is the true cost."""
+    import json
+
+    marker = ".quant_state.bitsandbytes__"
+    by_name = {r.name: r for r in rows}
+    folded: dict[str, TensorRow] = {}
+    absorbed: set[str] = set()
+    for name in by_name:
+        if marker not in name:
+            continue
+        weight = name.split(marker)[0]
+        info = json.loads(bytes(src.get(name).numpy().tobytes()).decode("utf-8"))
+        members = [n for n in by_name if n == weight or n.startswith(weight + ".")]
+        shape = tuple(int(d) for d in info.get("shape", ()))
+        folded[weight] = TensorRow(weight, str(info.get("quant_type", name.split(marker)[1])), shape,
+                                   sum(by_name[n].nbytes for n in members))
+        absorbed.update(members)
+    return [folded.get(r.name, r) for r in rows if r.name in folded or r.name not in absorbed]

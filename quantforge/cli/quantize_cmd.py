@@ -16,8 +16,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="output file (gguf) or folder (bnb4, hf16)")
     p.add_argument("--imatrix", default=None, help="importance matrix (llama.cpp GGUF or legacy .dat)")
     p.add_argument("--plan", default=None, help="plan file from 'quantforge plan' (per-tensor types)")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="bnb4: 4-bit data type")
-    p.add_argument("--double-quant", action="store_true", help="bnb4: nested 8-bit quantization of absmax")
+    p.add_argument("--quant-type", choices=("nf4", "fp4"), default=None,
+                   help="bnb4: 4-bit data type (default: the plan's, else nf4)")
+    p.add_argument("--double-quant", action="store_true", default=None,
+                   help="bnb4: nested 8-bit quantization of absmax (default: the plan's, else off)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="hf16 (and bnb4 compute) dtype")
     p.add_argument("--max-shard-size", default="5GB", help="bnb4/hf16: largest shard, e.g. 500MB, 5GB")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
