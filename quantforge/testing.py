@@ -77,15 +77,24 @@ def interpreter_downcast(ref: Any, dtype: Any) -> Any:
 
 def llama_cpp_logits(gguf_path: Any, ids: list[int], n_ctx: int = 512) -> Any:
     """float64 logits ``(len(ids), vocab)`` of llama.cpp (llama-cpp-python) on token ``ids``, every position."""
+    return llama_cpp_chunk_logits(gguf_path, [ids], n_ctx)[0]
+
+
+def llama_cpp_chunk_logits(gguf_path: Any, chunks: list[list[int]], n_ctx: int = 512) -> list[Any]:
+    """Logits of each token chunk, evaluated independently (fresh KV cache) with one model load."""
     import numpy as np
     import torch
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=max(n_ctx, len(ids)), logits_all=True, verbose=False, n_threads=2,
-                n_batch=max(n_ctx, len(ids)))
+    n = max([n_ctx, *map(len, chunks)])
+    llm = Llama(model_path=str(gguf_path), n_ctx=n, logits_all=True, verbose=False, n_threads=2, n_batch=n)
     try:
-        llm.eval(ids)
-        return torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64)
+        out = []
+        for ids in chunks:
+            llm.reset()
+            llm.eval(ids)
+            out.append(torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float64))
+        return out
     finally:
         llm.close()
 

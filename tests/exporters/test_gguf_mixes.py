@@ -10,7 +10,7 @@ import pytest
 
 from quantforge.exporters.gguf import export_gguf
 from quantforge.presets import get_mix
-from quantforge.testing import llama_cpp_logits, quantize_with_llama_cpp
+from quantforge.testing import llama_cpp_chunk_logits, quantize_with_llama_cpp
 
 MIXES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_xs"]
 N_CTX, N_CHUNKS = 512, 4
@@ -45,8 +45,8 @@ def _kld(path, chunks, ref):
     import torch
 
     total, n = 0.0, 0
-    for c, lp in zip(chunks, ref):
-        lq = torch.log_softmax(llama_cpp_logits(path, c).float(), -1)
+    for c, lp, logits in zip(chunks, ref, llama_cpp_chunk_logits(path, chunks)):
+        lq = torch.log_softmax(logits.float(), -1)
         total += float((lp.exp() * (lp - lq)).sum(-1).sum())
         n += len(c)
     return total / n
