@@ -23,7 +23,7 @@ from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 CHUNK_ELEMENTS = 1 << 19
 """On CPU, rows are quantized in chunks of about this many weights so the search temporaries stay cache-sized."""
-DEVICE_CHUNK_ELEMENTS = 1 << 24
+DEVICE_CHUNK_ELEMENTS = 1 << 26
 """On a GPU, chunks are as large as memory comfortably allows (each torch op is a kernel launch)."""
 
 PARALLEL_MIN_ELEMENTS = 1 << 17

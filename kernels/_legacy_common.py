@@ -33,7 +33,7 @@ from ._triton import HAVE_TRITON, check_launchable, tl, triton
 #: 2^17 floats (512 KiB), which stay in cache and are reused by the allocator (larger fresh buffers cost page
 #: faults on every op); the one-pass ref paths take larger chunks to spend less on Python. On CUDA, few launches.
 CHUNK_ELEMS = {("cpu", "search"): 1 << 17, ("cpu", "ref"): 1 << 19}
-CHUNK_ELEMS_OTHER = 1 << 24
+CHUNK_ELEMS_OTHER = 1 << 26
 
 Encoder = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
 
