@@ -116,6 +116,8 @@ def _load_dat(p: Path) -> Imatrix:
         (ln,) = take("<i")
         name = bytes(take(f"<{ln}s")[0]).decode("utf-8", errors="replace")
         ncall, nval = take("<ii")
+        if nval < 0 or pos + 4 * nval > len(data):
+            raise CorruptCheckpoint(f"truncated legacy imatrix (.dat) file in entry {name!r}", path=p)
         vals = np.frombuffer(data, dtype=np.float32, count=nval, offset=pos).copy()
         pos += 4 * nval
         # stored as mean(x^2) * ncall: present it as sums over ncall "tokens"
@@ -147,3 +149,57 @@ def save_imatrix_gguf(imat: Imatrix, path: str | os.PathLike[str]) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def sum_squares(x: Any) -> Any:
+    """Per-column sum of squares of the token rows of ``x`` (``[..., n]`` -> float64 ``[n]``): what
+    llama-imatrix adds to ``in_sum2`` for one ``MUL_MAT`` with input ``x``."""
+    rows = x.reshape(-1, x.shape[-1]).double()
+    return (rows * rows).sum(0)
+
+
+class ImatrixAccumulator:
+    """Running ``in_sum2`` and token counts per weight, fed one matmul input at a time.
+
+    ``names`` maps the key a hook reports (e.g. an HF module name) to the GGUF tensor name stored in the file.
+    Inputs with fewer than ``min_rows`` token rows are skipped, as llama-imatrix does (it needs >= 16).
+    """
+
+    def __init__(self, names: dict[str, str], min_rows: int = 16) -> None:
+        self.names = names
+        self.min_rows = min_rows
+        self._sums: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, key: str, x: Any) -> None:
+        n_rows = x.numel() // x.shape[-1]
+        if n_rows < self.min_rows:
+            return
+        name = self.names[key]
+        s = sum_squares(x).cpu()
+        self._sums[name] = s if name not in self._sums else self._sums[name] + s
+        self._counts[name] = self._counts.get(name, 0) + n_rows
+
+    def all_reduce(self, group: Any) -> None:
+        """Sum the sums and counts of every rank of ``group`` (a :class:`quantforge.distributed.Group`) into
+        this accumulator, so :meth:`result` describes all ranks' inputs; float64 sums, so it equals a one-process
+        run to rounding. Every rank must call it; a weight no rank saw stays absent."""
+        import torch
+
+        widths: dict[str, int] = {}
+        for part in group.all_gather_object({n: int(s.numel()) for n, s in self._sums.items()}):
+            widths.update(part)
+        names = sorted(widths)
+        sums = [self._sums.get(n, torch.zeros(widths[n], dtype=torch.float64)) for n in names]
+        counts = torch.tensor([float(self._counts.get(n, 0)) for n in names], dtype=torch.float64)
+        *sums, counts = group.all_reduce_sum([*sums, counts])
+        self._sums = dict(zip(names, sums, strict=True))
+        self._counts = {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
+
+    def result(self, datasets: list[str], chunk_count: int, chunk_size: int) -> Imatrix:
+        import numpy as np
+
+        entries = {name: ImatrixEntry(self._sums[name].numpy().astype(np.float32).reshape(1, -1),
+                                      np.array([self._counts[name]], dtype=np.float32))
+                   for name in sorted(self._sums)}
+        return Imatrix(entries, list(datasets), int(chunk_count), int(chunk_size))

@@ -8,9 +8,11 @@ name only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 from ... import __version__
 from ...errors import CorruptCheckpoint, InputError, PlanError
 from ...formats import get_format
-from ...io import atomic_file
+from ...io import atomic_file, check_output
 from ...model_source import ModelSource
 from ...presets import ModelShape, get_mix, mix_types
 from . import arch as archmod
@@ -113,7 +115,7 @@ class EncodedTensor:
         self.fmt = get_format(job.fmt)
         self.nbytes = self.fmt.nbytes(job.shape)
         self.heads = archmod.qk_heads(spec, job.hf_name, src.text_config) if job.hf_name else None
-        n_rows = job.shape[0] if len(job.shape) > 1 else 1
+        self.n_rows = n_rows = job.shape[0] if len(job.shape) > 1 else 1
         row_elems = max(1, self.fmt_numel() // n_rows)
         unit = n_rows // self.heads if self.heads else 1
         rows = max(unit, (chunk_elems // row_elems) // unit * unit)
@@ -125,16 +127,17 @@ class EncodedTensor:
             n *= d
         return n
 
-    def _rows(self, start: int, stop: int) -> Any:
+    def _rows(self, start: int, stop: int, device: str | None = None) -> Any:
         import torch
 
         job = self.job
+        device = device or self.device
         if job.hf_name is None:
-            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1).to(self.device)
+            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1).to(device)
         if len(job.shape) > 1:
-            t = self.src.get(job.hf_name, rows=(start, stop)).to(self.device, torch.float32)
+            t = self.src.get(job.hf_name, rows=(start, stop)).to(device, torch.float32)
         else:
-            t = self.src.get(job.hf_name).to(self.device, torch.float32).reshape(1, -1)
+            t = self.src.get(job.hf_name).to(device, torch.float32).reshape(1, -1)
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values",
@@ -145,17 +148,31 @@ class EncodedTensor:
             t = t + 1.0
         return t.reshape(t.shape[0], -1)
 
-    def encoded_chunks(self) -> Iterable[Any]:
-        imat = None
-        if self.imatrix is not None and self.fmt.takes_imatrix:
-            import torch
+    def _imat(self, device: str) -> Any:
+        if self.imatrix is None or not self.fmt.takes_imatrix:
+            return None
+        import torch
 
-            imat = torch.as_tensor(self.imatrix, dtype=torch.float32).to(self.device)
-            if imat.numel() != self.job.shape[-1]:
-                raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, "
-                                 f"its rows have {self.job.shape[-1]}")
+        imat = torch.as_tensor(self.imatrix, dtype=torch.float32).to(device)
+        if imat.numel() != self.job.shape[-1]:
+            raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, "
+                             f"its rows have {self.job.shape[-1]}")
+        return imat
+
+    def encode(self, start: int, stop: int, device: str | None = None) -> Any:
+        """Rows ``[start, stop)`` (one of :attr:`ranges`) encoded on ``device``: flat uint8 tensor on that device."""
+        device = device or self.device
+        return self.fmt.quantize(self._rows(start, stop, device), self._imat(device)).contiguous().reshape(-1)
+
+    def range_nbytes(self, start: int, stop: int) -> int:
+        """Bytes of the encoding of rows ``[start, stop)``."""
+        if len(self.job.shape) < 2:
+            return self.nbytes
+        return self.fmt.nbytes((stop - start, *self.job.shape[1:]))
+
+    def encoded_chunks(self) -> Iterable[Any]:
         for start, stop in self.ranges:
-            yield self.fmt.quantize(self._rows(start, stop), imat).contiguous().cpu().numpy()
+            yield self.encode(start, stop).cpu().numpy()
 
     def tofile(self, fout: Any) -> None:
         written = 0
@@ -164,6 +181,22 @@ class EncodedTensor:
             written += chunk.nbytes
         if written != self.nbytes:
             raise InputError(f"{self.job.gguf_name}: encoded {written} bytes, expected {self.nbytes}")
+
+
+class StreamedTensor:
+    """One output tensor whose row chunks arrive already encoded (from threads or other ranks, in order);
+    duck-types the array :meth:`gguf.GGUFWriter.write_tensor_data` expects, like :class:`EncodedTensor`."""
+
+    def __init__(self, name: str, nbytes: int, chunks: Iterable[Any]) -> None:
+        self.name, self.nbytes, self.chunks = name, nbytes, chunks
+
+    def tofile(self, fout: Any) -> None:
+        written = 0
+        for chunk in self.chunks:
+            fout.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise InputError(f"{self.name}: received {written} encoded bytes, expected {self.nbytes}")
 
 
 def size_label(n_params: int) -> str:
@@ -183,11 +216,14 @@ def general_name(src: ModelSource) -> str:
 
 def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], qtype: str = "f16",
                 imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
-                force: bool = False, progress: Progress = _no_progress) -> Path:
-    """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types)."""
+                force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
+                devices: Sequence[str] | None = None) -> Path:
+    """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types).
+    ``device``, ``devices`` and distributed runs: see :func:`write_gguf`."""
     src = ModelSource.open(model)
     try:
-        return write_gguf(src, output, qtype, imatrix=imatrix, plan=plan, force=force, progress=progress)
+        return write_gguf(src, output, qtype, imatrix=imatrix, plan=plan, force=force, progress=progress,
+                          device=device, devices=devices)
     finally:
         src.close()
 
@@ -195,29 +231,53 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
 def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f16",
                imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
                force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
-               chunk_elems: int = CHUNK_ELEMS) -> Path:
-    """Write the model behind ``src`` (anything shaped like :class:`ModelSource`) as GGUF; quantize on ``device``."""
+               chunk_elems: int = CHUNK_ELEMS, devices: Sequence[str] | None = None) -> Path:
+    """Write the model behind ``src`` (anything shaped like :class:`ModelSource`) as GGUF; quantize on ``device``.
+
+    ``devices`` (e.g. ``["cuda:0", "cuda:1"]``): one thread per device encodes its share of the row chunks while
+    this thread writes them in order. In a distributed job (:func:`quantforge.distributed.current`) every rank
+    calls this with the same arguments: the row chunks are split across ranks (``device="cuda"`` is each rank's
+    own GPU), rank 0 receives the encoded bytes and writes the file, the other ranks write nothing. The file is
+    byte-identical to a one-process run in every case.
+    """
     import gguf
+
+    from ...distributed import current, drain, ordered_stream
 
     mix = get_mix(qtype)
     spec = archmod.arch_for(src.model_type)
     jobs = plan_tensors(src, spec)
+    group = current()
     imat = None
     if imatrix is not None:
         from ...calibration.imatrix import load_imatrix
 
-        imat = load_imatrix(imatrix)
+        imat = group.on_main(lambda: load_imatrix(imatrix))  # rank 0 reads it: the file need not be on every node
     plan_types = None
     if plan is not None:
         from ...plan import load_plan
 
-        loaded = load_plan(plan)
+        loaded = group.on_main(lambda: load_plan(plan))
         plan_types = loaded.gguf_types()
         if loaded.base_type:
             mix = get_mix(loaded.base_type)
     assign_types(jobs, mix.name, model_shape(src, jobs), imat is not None, plan_types)
     n_vocab = jobs[0].shape[0]
-    with atomic_file(output, force=force) as tmp:
+    group.on_main(lambda: check_output(output, force))
+    device = group.local_device(device)
+    encoders = [EncodedTensor(src, spec, j, imat.for_tensor(j.gguf_name) if imat is not None else None,
+                              chunk_elems=chunk_elems, device=device) for j in jobs]
+    # the unit of work: one row chunk of one tensor, costed by its weight count
+    units = [(e, a, b) for e in encoders for a, b in e.ranges]
+    stream = ordered_stream(units, lambda u, dev: u[0].encode(u[1], u[2], dev),
+                            lambda u: u[0].range_nbytes(u[1], u[2]),
+                            [u[0].fmt_numel() * (u[2] - u[1]) / u[0].n_rows for u in units], group,
+                            [group.local_device(d) for d in devices] if devices else [device])
+    if not group.is_main:
+        drain(stream)
+        group.barrier()
+        return Path(output)
+    with atomic_file(output, force=force) as tmp, contextlib.closing(stream):
         w = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
         w.add_type("model")
         w.add_name(general_name(src))
@@ -239,10 +299,11 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for j in progress(jobs, total=len(jobs), desc=f"gguf {mix.name}", unit="tensor"):
-            vec = imat.for_tensor(j.gguf_name) if imat is not None else None
-            w.write_tensor_data(EncodedTensor(src, spec, j, vec, chunk_elems=chunk_elems, device=device))
+        chunks = iter(stream)
+        for e in progress(encoders, total=len(encoders), desc=f"gguf {mix.name}", unit="tensor"):
+            w.write_tensor_data(StreamedTensor(e.job.gguf_name, e.nbytes, itertools.islice(chunks, len(e.ranges))))
         w.close()
+    group.barrier()
     return Path(output)
 
 

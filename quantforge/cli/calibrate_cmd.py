@@ -1,13 +1,67 @@
-"""``quantforge calibrate``: contract placeholder until its stage lands (exits 2 with a clear message)."""
+"""``quantforge calibrate MODEL --data F [--data F2] -o DIR``: importance matrix and per-tensor sensitivity."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._common import not_yet
+from ._common import out, progress
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("calibrate", help="calibrate (not available yet)")
-    p.add_argument("rest", nargs="*")
-    p.set_defaults(func=not_yet("calibrate"))
+    p = sub.add_parser("calibrate", help="importance matrix + per-tensor KLD sensitivity of a model")
+    p.add_argument("model", help="local HF checkpoint folder or Hub repo id")
+    p.add_argument("--data", action="append", required=True,
+                   help="calibration text: plain text, JSONL with a text field, or chat/instruction JSONL "
+                        "(rendered with the model's chat template); repeat for several files")
+    p.add_argument("-o", "--output", required=True, help="calibration folder (results are cached there)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the imatrix (default 8192)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--holdout-tokens", type=int, default=1024,
+                   help="held-out tokens for the sensitivity measurements (default 1024)")
+    p.add_argument("--candidates", default=None,
+                   help="formats to profile, comma-separated (default q2_k,q3_k,iq4_xs,q4_k,q5_k,q6_k,q8_0,nf4); "
+                        "rows that a K type does not fit get its fallback and the legacy/IQ4 types; f16 is the top")
+    p.add_argument("--measure", choices=("all", "sample", "none"), default="sample",
+                   help="KLD measured for every (tensor, format) pair, a sample (the rest predicted by the "
+                        "fitted proxy), or none (Fisher prediction only)")
+    p.add_argument("--sample-layers", type=int, default=5, help="layers measured per tensor kind in sample mode")
+    p.add_argument("--fisher-draws", type=int, default=2, help="label draws per held-out chunk for the Fisher")
+    p.add_argument("--proxy-rows", type=int, default=256, help="rows per tensor used for the proxies (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="chunks per forward in the imatrix pass")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a calibration")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: calibration batches and per-tensor sensitivity
+    work are split across ranks (``--device cuda`` is each rank's own GPU); rank 0 writes the folder."""
+    from quantforge import distributed
+
+    with distributed.launch(args.device) as group:
+        return _run(args, group)
+
+
+def _run(args: Any, group: Any) -> int:
+    from quantforge.calibration.candidates import parse_candidates
+    from quantforge.calibration.profile import CalibrationSettings, calibrate
+
+    settings = CalibrationSettings(tokens=args.tokens, ctx=args.ctx, holdout_tokens=args.holdout_tokens,
+                                   candidates=parse_candidates(args.candidates), measure=args.measure, sample_layers=args.sample_layers,
+                                   fisher_draws=args.fisher_draws, proxy_rows=args.proxy_rows, seed=args.seed)
+    result = calibrate(args.model, args.data, args.output, settings, device=args.device, batch_size=args.batch_size,
+                       progress=progress if group.is_main else _quiet, force=args.force)
+    if not group.is_main:
+        return 0
+    if result.sensitivity_reused:
+        out(f"reused {result.folder} (same model, data and settings)")
+    else:
+        done = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+        note = " (imatrix reused)" if result.imatrix_reused else ""
+        out(f"wrote {result.folder}: imatrix.gguf, sensitivity.json, sensitivity.png{note} [{done}]")
+    return 0
+
+
+def _quiet(items: Any, **_: Any) -> Any:
+    return items

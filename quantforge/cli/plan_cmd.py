@@ -1,13 +1,102 @@
-"""``quantforge plan``: contract placeholder until its stage lands (exits 2 with a clear message)."""
+"""``quantforge plan MODEL --calibration DIR --target gguf|bnb4 ... -o plan.yaml``: budgeted per-tensor choice."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._common import not_yet
+from ._common import out
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("plan", help="plan (not available yet)")
-    p.add_argument("rest", nargs="*")
-    p.set_defaults(func=not_yet("plan"))
+    p = sub.add_parser("plan", help="choose per-tensor formats from a calibration under a size budget")
+    p.add_argument("model", help="local HF checkpoint folder or Hub repo id (the calibrated one)")
+    p.add_argument("--calibration", required=True, help="folder written by 'quantforge calibrate'")
+    p.add_argument("--target", choices=("gguf", "bnb4"), default="gguf")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bpw", type=float, help="gguf: bits per weight over every tensor of the file")
+    size.add_argument("--size-mb", type=float, help="gguf: tensor data size in MB (10^6 bytes)")
+    size.add_argument("--like", help="gguf: the tensor data size of our file of this mix, e.g. q4_k_m")
+    p.add_argument("--max-overhead", type=float, default=0.10,
+                   help="bnb4: memory allowed above the uniform 4-bit checkpoint (default 0.10 = 10%%)")
+    p.add_argument("--double-quant", action="store_true", help="bnb4: size the 4-bit modules with double quant")
+    p.add_argument("--types", default=None, help="gguf: only these formats (comma-separated; f16 always allowed)")
+    p.add_argument("--method", choices=("dp", "lagrange"), default="dp", help="knapsack solver (default dp)")
+    p.add_argument("-o", "--output", required=True, help="plan file (YAML)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing plan file")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    from pathlib import Path
+
+    from quantforge.calibration import store
+    from quantforge.errors import InputError, PlanError
+    from quantforge.model_source import ModelSource
+    from quantforge.plan import save_plan
+    from quantforge.planner import load_sensitivity, plan_bnb4
+
+    table = load_sensitivity(args.calibration)
+    src = ModelSource.open(args.model)
+    if table["model"].get("hash") != store.model_hash(src):
+        raise PlanError("the calibration was made for another model (hash mismatch); calibrate this model first",
+                        path=args.calibration)
+    folder = Path(args.calibration)
+    calib = {"folder": str(folder), "imatrix": str(folder / store.IMATRIX), "model_hash": table["model"]["hash"]}
+    if args.target == "bnb4":
+        params = {n: t.shape for n, t in src.tensors.items()}
+        plan = plan_bnb4(table, params, args.max_overhead, args.double_quant, args.method)
+        plan.calibration = calib
+        plan.model = str(src.path)
+        save_plan(plan, args.output, force=args.force)
+        p = plan.predicted
+        out(f"wrote {args.output}: {len(plan.skip_modules) - 1} modules stay 16-bit, overhead {p['overhead']:.2%} "
+            f"over uniform nf4, predicted KLD sum {p['kld_sum']:.4g} (uniform {p['uniform_kld_sum']:.4g})")
+        return 0
+    if args.bpw is None and args.size_mb is None and args.like is None:
+        raise InputError("give a size: --bpw, --size-mb or --like MIX")
+    plan = _gguf_plan(args, src, table)
+    plan.calibration = calib
+    plan.model = str(src.path)
+    plan.notes = (f"apply with: quantforge quantize {src.path} --format gguf --plan {args.output} "
+                  f"--imatrix {calib['imatrix']} -o OUT.gguf")
+    save_plan(plan, args.output, force=args.force)
+    p = plan.predicted
+    out(f"wrote {args.output}: {p['tensor_bytes']:,} tensor bytes ({p['bpw']:.4f} bpw, budget "
+        f"{plan.budget['bytes']:,}), predicted KLD sum {p['kld_sum']:.4g}")
+    out(f"apply with: quantforge quantize MODEL --plan {args.output} --imatrix {calib['imatrix']} -o OUT.gguf")
+    return 0
+
+
+def _gguf_plan(args: Any, src: Any, table: dict[str, Any]) -> Any:
+    import math
+
+    from quantforge.exporters.gguf.arch import arch_for
+    from quantforge.exporters.gguf.writer import model_shape, plan_tensors
+    from quantforge.formats import get_format
+    from quantforge.planner import plan_gguf
+    from quantforge.presets import MIXES, get_mix, mix_types
+
+    jobs = plan_tensors(src, arch_for(src.model_type))
+    tensors = [(j.gguf_name, tuple(j.shape)) for j in jobs]
+    n_el = sum(math.prod(s) for _, s in tensors)
+    note: dict[str, Any] = {}
+    if args.like:
+        mix = get_mix(args.like)
+        types = mix_types(mix.name, tensors, model_shape(src, jobs), has_imatrix=True)
+        budget = sum(get_format(types[n]).nbytes(s) for n, s in tensors)
+        base = mix.name
+        note["like"] = mix.name
+    elif args.bpw is not None:
+        budget = int(args.bpw * n_el / 8)
+        note["bpw"] = args.bpw
+        base = None
+    else:
+        budget = int(args.size_mb * 1e6)
+        note["size_mb"] = args.size_mb
+        base = None
+    if base is None:
+        bpw = 8.0 * budget / n_el
+        k_mixes = [m for m in MIXES.values() if m.base not in ("f32", "f16", "bf16")]
+        base = min(k_mixes, key=lambda m: abs(get_format(m.base).bits_per_weight - bpw)).name
+    allowed = {t.strip().lower() for t in args.types.split(",")} if args.types else None
+    return plan_gguf(table, tensors, budget, base_type=base, method=args.method, allowed=allowed, budget_note=note)

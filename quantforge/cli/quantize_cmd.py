@@ -22,17 +22,40 @@ def add_parser(sub: Any) -> None:
                    help="bnb4: nested 8-bit quantization of absmax (default: the plan's, else off)")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="hf16 (and bnb4 compute) dtype")
     p.add_argument("--max-shard-size", default="5GB", help="bnb4/hf16: largest shard, e.g. 500MB, 5GB")
+    p.add_argument("--device", default="cpu",
+                   help="gguf: quantize on cpu or cuda[:N]; under torchrun, cuda is each rank's own GPU (LOCAL_RANK)")
+    p.add_argument("--devices", default=None,
+                   help="gguf: one process driving several devices, e.g. cuda:0,cuda:1 (one thread per device "
+                        "encodes tensors; the file is written in order, byte-identical to one device)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
 
 def run(args: Any) -> int:
-    if args.format == "gguf":
-        from quantforge.exporters.gguf import export_gguf
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: GGUF tensors are split across the ranks and rank
+    0 writes the file; the other formats are written by rank 0 alone."""
+    from quantforge import distributed
+    from quantforge.errors import InputError
 
-        result = export_gguf(args.model, args.output, qtype=args.qtype or "f16", imatrix=args.imatrix,
-                             plan=args.plan, force=args.force, progress=progress)
-    elif args.format == "bnb4":
+    devices = distributed.parse_devices(args.devices)
+    if devices and args.format != "gguf":
+        raise InputError(f"--devices applies to --format gguf, not {args.format}")
+    with distributed.launch(devices[0] if devices else args.device) as group:
+        if args.format == "gguf":
+            from quantforge.exporters.gguf import export_gguf
+
+            result = export_gguf(args.model, args.output, qtype=args.qtype or "f16", imatrix=args.imatrix,
+                                 plan=args.plan, force=args.force, progress=progress, device=args.device,
+                                 devices=devices)
+        else:
+            result = group.on_main(lambda: _write_other(args))
+    if group.is_main:
+        out(f"wrote {result}")
+    return 0
+
+
+def _write_other(args: Any) -> Any:
+    if args.format == "bnb4":
         from quantforge.exporters.bnb4 import export_bnb4
 
         result = export_bnb4(args.model, args.output, quant_type=args.quant_type, double_quant=args.double_quant,
@@ -43,5 +66,4 @@ def run(args: Any) -> int:
 
         result = export_hf16(args.model, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                              force=args.force, progress=progress)
-    out(f"wrote {result}")
-    return 0
+    return result

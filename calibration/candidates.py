@@ -1,0 +1,96 @@
+"""Which formats a tensor may take, and what a tensor looks like after a round trip through one.
+
+GGUF candidates come from the registry and are filtered by row length: a 576-wide row cannot hold a 256-weight
+K-quant block, so a requested K type is replaced by llama.cpp's fallback (``presets.FALLBACK``) and the 32-block
+legacy and IQ4 types are offered as well. ``f16`` is always the top (zero cost). ``nf4`` is the bitsandbytes
+candidate of a Dynamic 4-bit plan (linear modules only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnsupportedFormat
+from ..formats import FORMATS, Family, get_format
+from ..presets import FALLBACK
+
+DEFAULT_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0", "nf4")
+SMALL_ROW_TYPES = ("q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0")
+TOP = "f16"
+NF4_BLOCK = 64
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+def parse_candidates(text: str | None) -> list[str]:
+    """``"q4_k,q6_k"`` -> validated format names (the default set when ``text`` is empty)."""
+    names = [t.strip().lower() for t in (text or "").split(",") if t.strip()] or list(DEFAULT_CANDIDATES)
+    for n in names:
+        get_format(n)
+    return list(dict.fromkeys(names))
+
+
+def gguf_candidates(requested: list[str], n_per_row: int) -> list[str]:
+    """GGUF formats to try for rows of ``n_per_row``, lowest bits first, always ending with ``f16``."""
+    out: list[str] = []
+    for name in requested:
+        fmt = get_format(name)
+        if fmt.family is Family.BNB:
+            continue
+        if fmt.fits(n_per_row):
+            out.append(name)
+        elif FALLBACK.get(name) and get_format(FALLBACK[name]).fits(n_per_row):
+            out.append(FALLBACK[name])
+    if any(not get_format(n).fits(n_per_row) for n in requested if get_format(n).family is Family.GGUF):
+        out.extend(t for t in SMALL_ROW_TYPES if get_format(t).fits(n_per_row))
+    out = [t for t in dict.fromkeys(out) if t not in ("f32", "bf16", TOP)]
+    out.sort(key=lambda t: (FORMATS[t].bits_per_weight, t))
+    return [*out, TOP]
+
+
+def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
+    """``weight`` (2-D, rows along the last dim) encoded as ``fmt`` and decoded back to float32.
+
+    The imatrix (per-column mean of squares) is passed exactly as the GGUF exporter passes it: only to formats
+    that take one.
+    """
+    import torch
+
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    if fmt == "nf4":
+        return nf4_round_trip(w)
+    f = get_format(fmt)
+    if f.family is Family.BNB:
+        raise UnsupportedFormat(f"{fmt} is not simulated; use nf4")
+    im = None
+    if imatrix is not None and f.takes_imatrix:
+        im = torch.as_tensor(imatrix, dtype=torch.float32)
+    return f.dequantize(f.quantize(w, im)).reshape(w.shape)
+
+
+def nf4_round_trip(weight: Any) -> Any:
+    """bitsandbytes NF4 (blocksize 64 over the flattened tensor, fp32 absmax) quantize + dequantize."""
+    import torch
+
+    flat = weight.reshape(-1).float()
+    pad = (-flat.numel()) % NF4_BLOCK
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, NF4_BLOCK)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    mids = (code[1:] + code[:-1]) / 2
+    idx = torch.bucketize(scaled, mids)
+    out = code[idx] * absmax
+    return out.reshape(-1)[: flat.numel()].reshape(weight.shape)
+
+
+def nbytes(fmt: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ``shape`` in ``fmt`` (nf4: packed codes + fp32 absmax per 64, no double quant)."""
+    if fmt == "nf4":
+        n = 1
+        for d in shape:
+            n *= d
+        return n // 2 + 4 * -(-n // NF4_BLOCK)
+    return get_format(fmt).nbytes(shape)

@@ -1,0 +1,501 @@
+"""The calibration stages over a Hugging Face model, layer by layer.
+
+Stage 1 (importance matrix): the calibration chunks go through layer 0 for all chunks, then layer 1, ...; hooks
+on every linear of the current layer add the squared inputs to the imatrix (llama-imatrix semantics).
+
+Stage 2 (sensitivity), on held-out chunks:
+
+1. a forward pass caches the input of every layer and the base log-probabilities;
+2. a backward pass, layer by layer from the top, with labels sampled from the model, gives the diagonal
+   Fisher of each weight; the weight errors of every candidate format (with the imatrix, as the exporter
+   quantizes) then give both proxies of :mod:`.sensitivity`;
+3. the selected (tensor, format) pairs are measured: the tensor alone is quantized and the model is re-run from
+   its layer's cached input, and the mean KL divergence against the base is recorded;
+4. the proxies are fitted to the measurements and every pair gets a predicted KLD.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from ..errors import InputError, MissingFile
+from . import candidates as cand
+from . import sensitivity as sens
+from . import store
+from .hooks import capture_inputs, linear_modules, swapped_weight, weight_grads
+from .imatrix import Imatrix, ImatrixAccumulator
+from .runner import Context, DecoderRunner
+
+Progress = Callable[..., Iterable[Any]]
+MEASURE_MODES = ("all", "sample", "none")
+SENSITIVITY_VERSION = 1
+
+
+def _no_progress(items: Iterable[Any], **_: Any) -> Iterable[Any]:
+    return items
+
+
+@dataclass
+class CalibrationSettings:
+    """Everything that changes the results (all of it is part of the cache key)."""
+
+    tokens: int = 8192
+    ctx: int = 512
+    holdout_tokens: int = 1024
+    candidates: list[str] = field(default_factory=lambda: list(cand.DEFAULT_CANDIDATES))
+    measure: str = "sample"
+    sample_layers: int = 5
+    fisher_draws: int = 2
+    proxy_rows: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.measure not in MEASURE_MODES:
+            raise InputError(f"--measure must be one of {', '.join(MEASURE_MODES)}, got {self.measure!r}")
+        if self.tokens < self.ctx:
+            raise InputError(f"--tokens ({self.tokens}) must be at least one context ({self.ctx})")
+        if self.holdout_tokens < self.ctx:
+            raise InputError(f"--holdout-tokens ({self.holdout_tokens}) must be at least one context ({self.ctx})")
+        self.candidates = cand.parse_candidates(",".join(self.candidates))
+
+    def imatrix_part(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "ctx": self.ctx}
+
+
+@dataclass
+class TensorRef:
+    """A weight the planner chooses a format for, and the module that holds it."""
+
+    gguf_name: str
+    hf_name: str
+    kind: str
+    layer: int | None
+    module: Any
+    candidates: list[str]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.module.weight.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class CalibrationResult:
+    folder: Path
+    imatrix_reused: bool
+    sensitivity_reused: bool
+    seconds: dict[str, float]
+
+
+def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[TensorRef]:
+    """Every quantizable weight: the linears of each layer, the token embedding, and an untied output."""
+    from ..exporters.gguf.arch import gguf_name
+
+    names = {id(m): n for n, m in runner.model.named_modules()}
+    refs: list[TensorRef] = []
+    emb = runner.decoder.embed_tokens
+    row = int(emb.weight.shape[1])
+    refs.append(TensorRef("token_embd.weight", names[id(emb)] + ".weight", "token_embd", None, emb,
+                          cand.gguf_candidates(requested, row)))
+    for i, layer in enumerate(runner.layers):
+        for _, mod in linear_modules(layer).items():
+            hf = names[id(mod)] + ".weight"
+            g = gguf_name(spec, hf)
+            if g is None:
+                continue
+            n_in = int(mod.weight.shape[1])
+            types = cand.gguf_candidates(requested, n_in)
+            if "nf4" in requested:
+                types = [*types[:-1], "nf4", types[-1]]
+            refs.append(TensorRef(g, hf, g.split(".")[2], i, mod, types))
+    if not runner.tied:
+        head = runner.lm_head
+        refs.append(TensorRef("output.weight", names[id(head)] + ".weight", "output", None, head,
+                              cand.gguf_candidates(requested, int(head.weight.shape[1]))))
+    return refs
+
+
+def _batches(chunks: list[list[int]], size: int) -> list[list[list[int]]]:
+    return [chunks[i:i + size] for i in range(0, len(chunks), size)]
+
+
+class _Contexts:
+    """One :class:`Context` per batch shape."""
+
+    def __init__(self, runner: DecoderRunner) -> None:
+        self.runner = runner
+        self._cache: dict[tuple[int, int], Context] = {}
+
+    def __call__(self, h: Any) -> Context:
+        key = (int(h.shape[0]), int(h.shape[1]))
+        if key not in self._cache:
+            self._cache[key] = self.runner.context(h)
+        return self._cache[key]
+
+
+def collect_imatrix(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]], ctx_len: int,
+                    datasets: list[str], batch_size: int = 4, progress: Progress = _no_progress,
+                    group: Any = None) -> Imatrix:
+    """Stage 1: llama-imatrix's sums of squared matmul inputs per column, for every layer weight.
+
+    ``group`` (a distributed :class:`quantforge.distributed.Group`): this rank runs its share of the batches
+    and the sums are reduced over ranks (see :mod:`.parallel`)."""
+    import torch
+
+    from ..distributed import SINGLE, shard_batches
+
+    group = group or SINGLE
+    n_chunks, chunks = len(chunks), shard_batches(chunks, batch_size, group)
+
+    names = {id(r.module): r.gguf_name for r in refs if r.layer is not None}
+    keyed = {r.gguf_name: r.module for r in refs if r.layer is not None}
+    acc = ImatrixAccumulator({g: g for g in keyed})
+    keep = runner.device if runner.resident else torch.device("cpu")
+    ctxs = _Contexts(runner)
+    with torch.no_grad():
+        hs = [runner.embed(b).to(keep) for b in _batches(chunks, batch_size)]
+        for i in progress(range(runner.n_layers), total=runner.n_layers, desc="imatrix", unit="layer"):
+            mods = {names[id(m)]: m for m in linear_modules(runner.layers[i]).values() if id(m) in names}
+            with runner.on_device(i), capture_inputs(mods, acc.add):
+                for b, h in enumerate(hs):
+                    h = h.to(runner.device)
+                    hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
+    if group.distributed:
+        acc.all_reduce(group)
+    return acc.result(datasets, n_chunks, ctx_len)
+
+
+class Profiler:
+    """Stage 2 state: cached layer inputs and base log-probs of the held-out chunks, Fisher, proxies, KLDs."""
+
+    def __init__(self, runner: DecoderRunner, refs: list[TensorRef], imatrix: Imatrix, holdout: list[list[int]],
+                 settings: CalibrationSettings, progress: Progress = _no_progress) -> None:
+        self.runner = runner
+        self.refs = refs
+        self.imatrix = imatrix
+        self.ids = holdout
+        self.s = settings
+        self.progress = progress
+        self.ctxs = _Contexts(runner)
+        self.n_tokens = sum(len(c) for c in holdout)
+        self.records: dict[str, dict[str, dict[str, Any]]] = {r.gguf_name: {} for r in refs}
+        self.base_nll = float("nan")
+
+    def _imat(self, ref: TensorRef) -> Any:
+        import torch
+
+        v = self.imatrix.for_tensor(ref.gguf_name)
+        return None if v is None else torch.as_tensor(v, dtype=torch.float32)
+
+    def forward_cache(self) -> None:
+        """Inputs of every layer (``self.h[i][c]``, ``[1, T, H]``) and base log-probs per held-out chunk."""
+        import torch
+
+        r = self.runner
+        keep = r.device if r.resident else torch.device("cpu")
+        with torch.no_grad():
+            h = [r.embed([c]) for c in self.ids]
+            self.h: list[list[Any]] = [[x.to(keep) for x in h]]
+            for i in self.progress(range(r.n_layers), total=r.n_layers, desc="held-out pass", unit="layer"):
+                with r.on_device(i):
+                    h = [r.layer(i, x.to(r.device), self.ctxs(x)) for x in h]
+                self.h.append([x.to(keep) for x in h])
+            self.base_lp = [sens.log_probs(r.head(x.to(r.device)))[0] for x in h]
+            nll = [-lp[:-1].gather(1, torch.as_tensor(c[1:], device=lp.device)[:, None]).mean()
+                   for lp, c in zip(self.base_lp, self.ids)]
+            self.base_nll = float(torch.stack(nll).mean())
+
+    def fisher_and_proxies(self) -> None:
+        """Backward from the top with sampled labels; the proxies of each tensor as soon as its Fisher is done."""
+        import torch
+
+        r = self.runner
+        k_draws = max(1, self.s.fisher_draws)
+        gen = torch.Generator(device="cpu").manual_seed(self.s.seed)
+        by_layer: dict[int | None, list[TensorRef]] = {}
+        for ref in self.refs:
+            by_layer.setdefault(ref.layer, []).append(ref)
+        head_params = [r.lm_head.weight]
+        fisher_head = torch.zeros_like(r.lm_head.weight, dtype=torch.float32, device="cpu")
+        grads: list[list[Any]] = []
+        with torch.enable_grad():
+            for c in range(len(self.ids)):
+                x = self.h[-1][c].to(r.device).detach().requires_grad_(True)
+                with weight_grads(head_params):
+                    lp = sens.log_probs(r.head(x))[0]
+                    probs = lp.detach().exp().cpu()
+                    row = []
+                    for k in range(k_draws):
+                        y = torch.multinomial(probs, 1, generator=gen).to(lp.device)
+                        x.grad = None
+                        lp.gather(1, y).sum().backward(retain_graph=k < k_draws - 1)
+                        fisher_head += head_params[0].grad.float().cpu().pow(2)
+                        head_params[0].grad = None
+                        row.append(x.grad.detach())
+                grads.append(row)
+            for i in self.progress(range(r.n_layers - 1, -1, -1), total=r.n_layers, desc="fisher + proxies",
+                                   unit="layer"):
+                refs = by_layer.get(i, [])
+                params = [ref.module.weight for ref in refs]
+                fisher = [torch.zeros_like(p, dtype=torch.float32, device="cpu") for p in params]
+                with r.on_device(i), weight_grads(params):
+                    for c in range(len(self.ids)):
+                        x = self.h[i][c].to(r.device).detach().requires_grad_(True)
+                        out = r.layer(i, x, self.ctxs(x))
+                        for k in range(k_draws):
+                            x.grad = None
+                            out.backward(grads[c][k], retain_graph=k < k_draws - 1)
+                            for f, p in zip(fisher, params):
+                                f += p.grad.float().cpu().pow(2)
+                                p.grad = None
+                            grads[c][k] = x.grad.detach()
+                self._proxies(refs, [f / k_draws for f in fisher])
+        emb_refs = by_layer.get(None, [])
+        for ref in emb_refs:
+            if ref.kind == "token_embd":
+                f = self._embedding_fisher(grads)
+                if r.tied:
+                    f += fisher_head
+                self._proxies([ref], [f / k_draws])
+            else:
+                self._proxies([ref], [fisher_head / k_draws])
+
+    def _embedding_fisher(self, grads: list[list[Any]]) -> Any:
+        import torch
+
+        w = self.runner.decoder.embed_tokens.weight
+        f = torch.zeros_like(w, dtype=torch.float32, device="cpu")
+        scale = 1.0
+        if getattr(self.runner.config, "model_type", "") in ("gemma", "gemma2"):
+            scale = float(self.runner.config.hidden_size) ** 0.5
+        for c, ids in enumerate(self.ids):
+            uniq, inv = torch.unique(torch.as_tensor(ids), return_inverse=True)
+            for g in grads[c]:
+                d = torch.zeros(len(uniq), w.shape[1]).index_add_(0, inv, g[0].float().cpu() * scale)
+                f[uniq] += d.pow(2)
+        return f
+
+    def _proxies(self, refs: list[TensorRef], fishers: list[Any]) -> None:
+        """Both proxies for every candidate of ``refs``. Tensors that read the same input (q/k/v, gate/up) share
+        an imatrix, so their sampled rows go through each codec in one call (codec calls cost mostly per call)."""
+        import torch
+
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for n, ref in enumerate(refs):
+            imat = self._imat(ref)
+            key = (tuple(ref.candidates), ref.shape[1], None if imat is None else imat.numpy().tobytes())
+            groups.setdefault(key, []).append(n)
+        for members in groups.values():
+            parts = []
+            for n in members:
+                w = refs[n].module.weight.detach().float().cpu()
+                rows = sens.row_sample(w.shape[0], self.s.proxy_rows * (4 if refs[n].layer is None else 1))
+                parts.append((refs[n], w[rows], fishers[n][rows], w.shape[0] / len(rows)))
+            first = parts[0][0]
+            imat = self._imat(first)
+            stacked = torch.cat([p[1] for p in parts])
+            for t in first.candidates:
+                if t == cand.TOP:
+                    for ref, *_ in parts:
+                        self.records[ref.gguf_name].setdefault(t, {}).update(proxy_imatrix=0.0, proxy_fisher=0.0)
+                    continue
+                deq = cand.fake_quantize(stacked, t, imat)
+                start = 0
+                for ref, sub, fsub, scale in parts:
+                    dw = deq[start:start + len(sub)] - sub
+                    start += len(sub)
+                    rec = self.records[ref.gguf_name].setdefault(t, {})
+                    rec["proxy_imatrix"] = scale * sens.imatrix_proxy(dw, imat)
+                    rec["proxy_fisher"] = scale * sens.fisher_proxy(dw, fsub, self.n_tokens)
+
+    def measure_pairs(self) -> list[tuple[TensorRef, str]]:
+        """The (tensor, format) pairs to measure for the settings' mode."""
+        if self.s.measure == "none":
+            return []
+        out = []
+        sample = None
+        if self.s.measure == "sample":
+            kinds: dict[int, list[str]] = {}
+            for ref in self.refs:
+                if ref.layer is not None:
+                    kinds.setdefault(ref.layer, []).append(ref.kind)
+            sample = sens.measurement_sample(kinds, self.runner.n_layers, self.s.sample_layers)
+        for ref in self.refs:
+            types = [t for t in ref.candidates if t != cand.TOP]
+            if sample is not None:
+                if ref.layer is not None and (ref.layer, ref.kind) not in sample:
+                    continue
+                types = sens.sample_types(ref.candidates, whole_model=ref.layer is None)
+            out.extend((ref, t) for t in types)
+        return out
+
+    def measure(self, pairs: list[tuple[TensorRef, str]]) -> None:
+        """Quantize one tensor at a time and re-run from its layer's cached input; record the mean KLD."""
+        import torch
+
+        r = self.runner
+        for ref, t in self.progress(pairs, total=len(pairs), desc="measure KLD", unit="pair"):
+            wq = cand.fake_quantize(ref.module.weight, t, self._imat(ref))
+            klds = []
+            with torch.no_grad(), swapped_weight(ref.module, wq):
+                for c, ids in enumerate(self.ids):
+                    if ref.kind == "token_embd":
+                        logits = r.forward_from(0, r.embed([ids]))
+                    elif ref.layer is None:
+                        logits = r.head(self.h[-1][c].to(r.device))
+                    else:
+                        x = self.h[ref.layer][c].to(r.device)
+                        logits = r.forward_from(ref.layer, x, self.ctxs(x))
+                    klds.append(sens.mean_kld(self.base_lp[c], logits[0]))
+            self.records[ref.gguf_name][t]["measured_kld"] = sum(klds) / len(klds)
+
+    def fit_and_predict(self) -> dict[str, Any]:
+        """Fit both proxies to the measurements, keep the better one, and predict every pair."""
+        kinds, pi, pf, meas = [], [], [], []
+        for ref in self.refs:
+            for t, rec in self.records[ref.gguf_name].items():
+                if rec.get("measured_kld") is not None:
+                    kinds.append(ref.kind)
+                    pi.append(rec["proxy_imatrix"])
+                    pf.append(rec["proxy_fisher"])
+                    meas.append(rec["measured_kld"])
+        fits = [sens.fit_proxy("fisher", kinds, pf, meas), sens.fit_proxy("imatrix", kinds, pi, meas)]
+        chosen = sens.best_fit(fits)
+        for ref in self.refs:
+            for t, rec in self.records[ref.gguf_name].items():
+                if t == cand.TOP:
+                    rec["predicted_kld"] = 0.0
+                elif rec.get("measured_kld") is not None:
+                    rec["predicted_kld"] = rec["measured_kld"]
+                elif chosen is None:
+                    rec["predicted_kld"] = rec["proxy_fisher"]
+                else:
+                    rec["predicted_kld"] = chosen.predict(ref.kind, rec["proxy_" + chosen.proxy])
+        return {"chosen": chosen.proxy if chosen else "fisher (unfitted, no measurements)",
+                "fits": [f.to_dict() for f in fits if f is not None]}
+
+    def table(self) -> dict[str, Any]:
+        out = {}
+        for ref in self.refs:
+            entry = {"hf_name": ref.hf_name, "kind": ref.kind, "layer": ref.layer, "shape": list(ref.shape),
+                     "imatrix": self.imatrix.for_tensor(ref.gguf_name) is not None, "candidates": {}}
+            for t in ref.candidates:
+                rec = self.records[ref.gguf_name].get(t, {})
+                nb = cand.nbytes(t, ref.shape)
+                n = ref.shape[0] * ref.shape[1]
+                entry["candidates"][t] = {"bytes": nb, "bpw": round(8.0 * nb / n, 4),
+                                          **{k: _sig(v) for k, v in rec.items()}}
+            out[ref.gguf_name] = entry
+        return out
+
+
+def _sig(v: Any) -> Any:
+    return float(f"{v:.6g}") if isinstance(v, float) else v
+
+
+def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettings | None = None,
+              device: str = "cpu", batch_size: int = 4, progress: Progress = _no_progress,
+              force: bool = False) -> CalibrationResult:
+    """Write ``imatrix.gguf``, ``sensitivity.json``, ``sensitivity.png`` and ``manifest.json`` into ``out``,
+    reusing what a previous run with the same model, data and settings left there."""
+    from ..exporters.gguf.arch import arch_for
+    from ..io import check_output
+    from ..model_source import ModelSource
+    from .data import file_digest, load_chunks
+    from .imatrix import load_imatrix, save_imatrix_gguf
+
+    s = settings or CalibrationSettings()
+    s.validate()
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("the calibration output must be a folder", path=folder)
+    src = ModelSource.open(model)
+    spec = arch_for(src.model_type)
+    if not data:
+        raise InputError("give at least one --data file")
+    for p in data:
+        if not Path(p).is_file():
+            raise MissingFile("calibration data file not found", path=p)
+    data_info = [{"path": str(Path(p)), "sha256": file_digest(p)} for p in data]
+    mhash = store.model_hash(src)
+    imatrix_key = store.digest({"model": mhash, "data": [d["sha256"] for d in data_info], **s.imatrix_part()})
+    sens_key = store.digest({"imatrix": imatrix_key, **asdict(s)})
+    # torchrun: every rank runs calibrate(); rank 0 owns the folder (decides, reads and writes), see .parallel
+    group = distributed.current()
+
+    def folder_state() -> tuple[bool, bool]:
+        """(sensitivity cached, imatrix cached)."""
+        manifest = store.read_manifest(folder) if folder.is_dir() else None
+        if manifest is None and folder.is_dir() and any(folder.iterdir()) and not force:
+            check_output(folder, force)
+        if store.cached(folder, "sensitivity_key", sens_key, (store.IMATRIX, store.SENSITIVITY, store.PLOT)):
+            return True, True
+        folder.mkdir(parents=True, exist_ok=True)
+        return False, store.cached(folder, "imatrix_key", imatrix_key, (store.IMATRIX,))
+
+    sensitivity_cached, imatrix_reused = group.on_main(folder_state)
+    if sensitivity_cached:
+        return CalibrationResult(folder, True, True, {})
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .runner import load_model
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(src.path)
+    chunks = load_chunks(data, tokenizer, s.tokens, s.ctx, s.holdout_tokens)
+    torch.manual_seed(s.seed)
+    runner = DecoderRunner(load_model(src.path), device=group.local_device(device))
+    refs = tensor_refs(runner, spec, s.candidates)
+    seconds["load"] = time.perf_counter() - t0
+    if imatrix_reused:
+        imatrix = group.on_main(lambda: load_imatrix(folder / store.IMATRIX))
+    else:
+        t0 = time.perf_counter()
+        imatrix = collect_imatrix(runner, refs, chunks.calibration, s.ctx, [Path(p).name for p in data], batch_size,
+                                  progress, group=group)
+        if group.is_main:
+            save_imatrix_gguf(imatrix, folder / store.IMATRIX)
+        seconds["imatrix"] = time.perf_counter() - t0
+    if group.is_main:
+        store.write_manifest(folder, {"imatrix_key": imatrix_key, "model": {"path": str(src.path), "hash": mhash},
+                                      "data": data_info, "settings": s.imatrix_part()})
+    if group.distributed:
+        from .parallel import ShardedProfiler
+
+        prof: Profiler = ShardedProfiler(group, runner, refs, imatrix, chunks.holdout, s, progress)
+    else:
+        prof = Profiler(runner, refs, imatrix, chunks.holdout, s, progress)
+    t0 = time.perf_counter()
+    prof.forward_cache()
+    prof.fisher_and_proxies()
+    seconds["proxies"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairs = prof.measure_pairs()
+    prof.measure(pairs)
+    seconds["measure"] = time.perf_counter() - t0
+    fit = prof.fit_and_predict()
+    table = {"version": SENSITIVITY_VERSION, "model": {"path": str(src.path), "hash": mhash,
+                                                       "model_type": src.model_type, "tied_embeddings": runner.tied},
+             "settings": asdict(s), "holdout": {"chunks": len(chunks.holdout), "tokens": prof.n_tokens,
+                                                "base_nll": round(prof.base_nll, 5)},
+             "calibration": {"chunks": len(chunks.calibration), "tokens": len(chunks.calibration) * s.ctx},
+             "device": str(runner.device), "n_measured": len(pairs), "fit": fit,
+             "seconds": {k: round(v, 1) for k, v in seconds.items()}, "tensors": prof.table()}
+    if group.is_main:
+        store.write_json(folder / store.SENSITIVITY, table)
+        from .plot import plot_sensitivity
+
+        plot_sensitivity(table, folder / store.PLOT)
+        store.write_manifest(folder, {"imatrix_key": imatrix_key, "sensitivity_key": sens_key,
+                                      "model": {"path": str(src.path), "hash": mhash}, "data": data_info,
+                                      "settings": asdict(s), "files": [store.IMATRIX, store.SENSITIVITY, store.PLOT]})
+    src.close()
+    group.barrier()
+    return CalibrationResult(folder, imatrix_reused, False, seconds)
