@@ -38,6 +38,8 @@ from _common import BENCH, LLAMA_BIN, device_line, record, table  # noqa: E402
 
 MIXES = ("q2_k", "q3_k_m", "q4_k_m")
 CURVE_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+APPLIED = {"ours": "our exporter (our codecs + our imatrix)",
+           "llama": "llama-quantize --tensor-type (llama.cpp codecs + our imatrix)"}
 FTYPES = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
           "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 
@@ -77,9 +79,9 @@ def kld_of(path: Path, base_logits: Path, work: Path, threads: int) -> dict[str,
     cache_file = work / "kld-cache.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     st = path.stat()
-    key = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{base_logits.stat().st_mtime_ns}"
-    if key in cache:
-        return cache[key]
+    entry = f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{base_logits.stat().st_mtime_ns}"
+    if entry in cache:
+        return cache[entry]
     out = run([tool("llama-perplexity"), "-m", str(path), "--kl-divergence-base", str(base_logits),
                "--kl-divergence", "-t", str(threads), "-c", "512"], work / f"{path.stem}.kld.log")
     stats = {}
@@ -87,16 +89,15 @@ def kld_of(path: Path, base_logits: Path, work: Path, threads: int) -> dict[str,
                      ("same_top", r"Same top p:\s+([0-9.eE+-]+)")):
         m = re.search(pat, out)
         stats[key] = float(m.group(1)) if m else float("nan")
-    cache[key] = stats
+    cache[entry] = stats
     cache_file.write_text(json.dumps(cache, indent=1))
     return stats
 
 
 def calibration_text(model: Path, data: list[Path], tokens: int, ctx: int, holdout: int, out: Path) -> int:
     """The decoded calibration chunks our calibrate uses, one file for llama-imatrix; returns the chunk count."""
-    from transformers import AutoTokenizer
-
     from quantforge.calibration.data import load_chunks
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
     chunks = load_chunks(data, tok, tokens, ctx, holdout).calibration
@@ -106,7 +107,8 @@ def calibration_text(model: Path, data: list[Path], tokens: int, ctx: int, holdo
 
 def plan_body(path: Path) -> str:
     """A plan's text without its file paths (the cache key of the GGUF made from it)."""
-    return "\n".join(ln for ln in path.read_text().splitlines() if not ln.startswith(("calibration:", "notes:", "  -o")))
+    lines = path.read_text().splitlines()
+    return "\n".join(ln for ln in lines if not ln.startswith(("calibration:", "notes:", "  -o")))
 
 
 def apply_plan_llama(f16: Path, plan_path: Path, imatrix: Path, out: Path, work: Path, threads: int) -> None:
@@ -124,9 +126,9 @@ def apply_plan_llama(f16: Path, plan_path: Path, imatrix: Path, out: Path, work:
 def bnb_eval(model: Path, plan_path: Path, chunks: list[list[int]]) -> dict[str, dict[str, float]]:
     """Mean KLD (second-half scoring) of uniform NF4 and of the plan's Dynamic 4-bit model vs the bf16 model."""
     import torch
+    from quantforge.calibration.candidates import nf4_round_trip
     from transformers import AutoModelForCausalLM
 
-    from quantforge.calibration.candidates import nf4_round_trip
     from quantforge.plan import load_plan
 
     skip = set(load_plan(plan_path).skip_modules)
@@ -146,8 +148,8 @@ def bnb_eval(model: Path, plan_path: Path, chunks: list[list[int]]) -> dict[str,
         for n, mod in linears.items():
             mod.weight.data = original[n] if n in skipped else nf4_round_trip(original[n])
         lq = logprobs()
-        kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(base, lq)])
-        top = torch.cat([(p.argmax(-1) == q.argmax(-1)).float() for p, q in zip(base, lq)])
+        kl = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(base, lq, strict=True)])
+        top = torch.cat([(p.argmax(-1) == q.argmax(-1)).float() for p, q in zip(base, lq, strict=True)])
         out[label] = {"kld": float(kl.mean()), "same_top": 100.0 * float(top.mean())}
     return out
 
@@ -175,10 +177,13 @@ def plot_curve(points: dict[str, list[tuple[float, float, str]]], path: Path) ->
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, pts in points.items():
-        pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        merged: dict[tuple[float, float], list[str]] = {}
         for x, y, name in pts:
-            ax.annotate(name, (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+            merged.setdefault((round(x, 2), y), []).append(name)
+        xy = sorted(merged)
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], "o-", label=label)
+        for (x, y), names in merged.items():
+            ax.annotate(" = ".join(names), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
     ax.set_yscale("log")
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KLD vs f16 (wiki.test, llama-perplexity)")
@@ -208,10 +213,11 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a sentence appended to the recorded notes")
     args = ap.parse_args()
 
-    from quantforge import fixtures
     from quantforge.calibration.profile import CalibrationSettings, calibrate
-    from quantforge.cli.main import main as qf
     from quantforge.exporters.gguf import export_gguf
+
+    from quantforge import fixtures
+    from quantforge.cli.main import main as qf
 
     t_start = time.perf_counter()
     work = Path(args.work)
@@ -355,7 +361,7 @@ def main() -> int:
              + (f" (leave-one-out log-RMSE {chosen['loo_rmse_log']}, Spearman {chosen['spearman']})" if chosen else "")
              + f". Evaluation: llama-perplexity --kl-divergence vs our f16 GGUF, {args.eval_chunks} x {ctx} tokens of "
              f"wiki.test.raw (second-half scoring). Plans applied by "
-             f"{'our exporter (our codecs + our imatrix)' if args.apply == 'ours' else 'llama-quantize --tensor-type (llama.cpp codecs + our imatrix)'}. "
+             f"{APPLIED[args.apply]}. "
              f"bnb4: NF4 quantize-dequantize of the HF linears in torch, same evaluation chunks and scoring. "
              f"Curve: `benchmarks/planner_quality.png`. Wall time {total / 60:.1f} min "
              f"(calibration {timings['calibrate'] / 60:.1f} min{', reused' if cal.sensitivity_reused else ''}).")

@@ -131,7 +131,8 @@ def load_chunks(paths: list[str | os.PathLike[str]], tokenizer: Any, n_tokens: i
     n_hold = holdout_tokens // ctx
     bos = bos_to_replace(tokenizer)
     out = Chunks(ctx=ctx, sources=[str(p) for p in paths])
-    for path, k_cal, k_hold in zip(paths, split_counts(n_cal, len(paths)), split_counts(n_hold, len(paths))):
+    shares = zip(paths, split_counts(n_cal, len(paths)), split_counts(n_hold, len(paths)), strict=True)
+    for path, k_cal, k_hold in shares:
         need = (k_cal + k_hold) * ctx
         toks = token_stream(path, tokenizer, need)
         if len(toks) < need:

@@ -33,7 +33,7 @@ def plot_sensitivity(table: dict[str, Any], path: str | Path) -> Path:
     panels = [p for p in panels if any(p[1](e["candidates"]) for e in tensors.values() if e["layer"] is not None)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.3 * len(layers) + 2), 2.2 + 2.0 * len(panels)),
                              squeeze=False)
-    for ax, (title, pick) in zip(axes[:, 0], panels):
+    for ax, (title, pick) in zip(axes[:, 0], panels, strict=True):
         grid = np.full((len(kinds), len(layers)), np.nan)
         for e in tensors.values():
             if e["layer"] is None:

@@ -46,11 +46,11 @@ class CalibrationSettings:
 
     tokens: int = 8192
     ctx: int = 512
-    holdout_tokens: int = 1024
+    holdout_tokens: int = 512
     candidates: list[str] = field(default_factory=lambda: list(cand.DEFAULT_CANDIDATES))
     measure: str = "sample"
-    sample_layers: int = 5
-    fisher_draws: int = 2
+    sample_layers: int = 4
+    fisher_draws: int = 4
     proxy_rows: int = 256
     seed: int = 0
 
@@ -206,7 +206,7 @@ class Profiler:
                 self.h.append([x.to(keep) for x in h])
             self.base_lp = [sens.log_probs(r.head(x.to(r.device)))[0] for x in h]
             nll = [-lp[:-1].gather(1, torch.as_tensor(c[1:], device=lp.device)[:, None]).mean()
-                   for lp, c in zip(self.base_lp, self.ids)]
+                   for lp, c in zip(self.base_lp, self.ids, strict=True)]
             self.base_nll = float(torch.stack(nll).mean())
 
     def fisher_and_proxies(self) -> None:
@@ -249,7 +249,7 @@ class Profiler:
                         for k in range(k_draws):
                             x.grad = None
                             out.backward(grads[c][k], retain_graph=k < k_draws - 1)
-                            for f, p in zip(fisher, params):
+                            for f, p in zip(fisher, params, strict=True):
                                 f += p.grad.float().cpu().pow(2)
                                 p.grad = None
                             grads[c][k] = x.grad.detach()
@@ -357,7 +357,7 @@ class Profiler:
         """Fit both proxies to the measurements, keep the better one, and predict every pair."""
         kinds, pi, pf, meas = [], [], [], []
         for ref in self.refs:
-            for t, rec in self.records[ref.gguf_name].items():
+            for rec in self.records[ref.gguf_name].values():
                 if rec.get("measured_kld") is not None:
                     kinds.append(ref.kind)
                     pi.append(rec["proxy_imatrix"])

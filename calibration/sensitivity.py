@@ -79,11 +79,13 @@ class Fit:
     def to_dict(self) -> dict[str, Any]:
         return {"proxy": self.proxy, "slope": round(self.slope, 4),
                 "scale_by_kind": {k: float(f"{math.exp(v):.6g}") for k, v in sorted(self.intercepts.items())},
-                "default_scale": float(f"{math.exp(self.default_intercept):.6g}"), "loo_rmse_log": round(self.loo_rmse, 4),
-                "spearman": round(self.spearman, 4), "n_measured": self.n, "n_by_kind": dict(sorted(self.by_kind_n.items()))}
+                "default_scale": float(f"{math.exp(self.default_intercept):.6g}"),
+                "loo_rmse_log": round(self.loo_rmse, 4), "spearman": round(self.spearman, 4), "n_measured": self.n,
+                "n_by_kind": dict(sorted(self.by_kind_n.items()))}
 
 
-def _fit_once(kinds: Sequence[str], x: Sequence[float], y: Sequence[float], free_slope: bool) -> tuple[float, dict[str, float]]:
+def _fit_once(kinds: Sequence[str], x: Sequence[float], y: Sequence[float], free_slope: bool
+              ) -> tuple[float, dict[str, float]]:
     import numpy as np
 
     names = sorted(set(kinds))
@@ -96,7 +98,8 @@ def _fit_once(kinds: Sequence[str], x: Sequence[float], y: Sequence[float], free
         design[:, -1] = xs
         coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
         slope = float(min(1.5, max(0.5, coef[-1])))
-    inter = {k: float(np.median([yy - slope * xx for kk, xx, yy in zip(kinds, xs, ys) if kk == k])) for k in names}
+    inter = {k: float(np.median([yy - slope * xx for kk, xx, yy in zip(kinds, xs, ys, strict=True) if kk == k]))
+             for k in names}
     return slope, inter
 
 
@@ -105,7 +108,7 @@ def fit_proxy(proxy: str, kinds: Sequence[str], proxy_values: Sequence[float], m
     """Fit ``measured ~ proxy`` in log space (pairs with a zero proxy or measurement are left out)."""
     import numpy as np
 
-    rows = [(k, math.log(p), math.log(m)) for k, p, m in zip(kinds, proxy_values, measured)
+    rows = [(k, math.log(p), math.log(m)) for k, p, m in zip(kinds, proxy_values, measured, strict=True)
             if p is not None and m is not None and p > LOG_FLOOR and m > LOG_FLOOR]
     if not rows:
         return None
@@ -123,7 +126,7 @@ def fit_proxy(proxy: str, kinds: Sequence[str], proxy_values: Sequence[float], m
     loo = math.sqrt(sum(errs) / len(errs)) if errs else float("inf")
     fit = Fit(proxy, slope, inter, default, loo, len(rows),
               by_kind_n={k: ks.count(k) for k in set(ks)})
-    fit.spearman = spearman([inter[k] + slope * x for k, x in zip(ks, xs)], ys)
+    fit.spearman = spearman([inter[k] + slope * x for k, x in zip(ks, xs, strict=True)], ys)
     return fit
 
 

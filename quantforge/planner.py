@@ -102,7 +102,7 @@ def _solve_dp(items: Sequence[Item], budget: int, resolution: int) -> list[Optio
     best = np.full(cap + 1, inf)
     best[0] = 0.0
     picks = np.zeros((len(items), cap + 1), dtype=np.int16)
-    for n, (it, b0) in enumerate(zip(items, base)):
+    for n, (it, b0) in enumerate(zip(items, base, strict=True)):
         new = np.full(cap + 1, inf)
         arg = np.zeros(cap + 1, dtype=np.int16)
         for k, o in enumerate(it.options):
@@ -164,7 +164,7 @@ def _solve_hull(items: Sequence[Item], budget: int) -> list[Option]:
         total += b.nbytes - a.nbytes
         pos[n] += 1
         push(n)
-    return [h[p] for h, p in zip(hulls, pos)]
+    return [h[p] for h, p in zip(hulls, pos, strict=True)]
 
 
 def _fill(items: Sequence[Item], choice: list[Option], budget: int) -> list[Option]:
@@ -228,7 +228,7 @@ def plan_gguf(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...
     chosen_bytes = fixed + sum(o.nbytes for o in choice)
     plan = Plan(target="gguf", base_type=base_type)
     shapes = dict(tensors)
-    for it, o in zip(items, choice):
+    for it, o in zip(items, choice, strict=True):
         shape = shapes[it.name]
         plan.tensors[it.name] = TensorChoice(o.fmt, float(f"{o.cost:.6g}"), o.nbytes,
                                              round(8.0 * o.nbytes / math.prod(shape), 4))
@@ -256,7 +256,7 @@ def plan_bnb4(table: dict[str, Any], params: dict[str, tuple[int, ...]], max_ove
     if max_overhead < 0:
         raise InputError(f"--max-overhead must be >= 0, got {max_overhead}")
     linear = {}
-    for name, e in table["tensors"].items():
+    for e in table["tensors"].values():
         rec = e["candidates"].get("nf4")
         if rec is not None and rec.get("predicted_kld") is not None:
             linear[e["hf_name"]] = float(rec["predicted_kld"])
@@ -275,7 +275,7 @@ def plan_bnb4(table: dict[str, Any], params: dict[str, tuple[int, ...]], max_ove
     fixed = uniform - sum(it.options[0].nbytes for it in items)
     budget = int(uniform * (1.0 + max_overhead))
     choice = solve(items, budget - fixed, method)
-    skipped = sorted(it.name for it, o in zip(items, choice) if o.fmt == "bf16")
+    skipped = sorted(it.name for it, o in zip(items, choice, strict=True) if o.fmt == "bf16")
     total = fixed + sum(o.nbytes for o in choice)
     modules = ["lm_head"] + [s[: -len(".weight")] if s.endswith(".weight") else s for s in skipped]
     plan = Plan(target="bnb4", skip_modules=modules, quant_type="nf4", double_quant=double_quant)

@@ -69,6 +69,7 @@ def _synthetic_calibration(model, folder, seed=0):
     from quantforge.calibration import store
     from quantforge.exporters.gguf.arch import arch_for
     from quantforge.exporters.gguf.writer import plan_tensors
+
     from quantforge.model_source import ModelSource
     from quantforge.presets import quantizable
 
@@ -106,6 +107,7 @@ def _tensor_types_and_bytes(path):
 
 def test_plan_applies_exactly_within_budget(tmp_path, tiny):
     from quantforge.exporters.gguf import export_gguf
+
     from quantforge.plan import load_plan
 
     cal = tmp_path / "cal"

@@ -16,16 +16,16 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="calibration folder (results are cached there)")
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the imatrix (default 8192)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--holdout-tokens", type=int, default=1024,
-                   help="held-out tokens for the sensitivity measurements (default 1024)")
+    p.add_argument("--holdout-tokens", type=int, default=512,
+                   help="held-out tokens for the sensitivity measurements (default 512)")
     p.add_argument("--candidates", default=None,
                    help="formats to profile, comma-separated (default q2_k,q3_k,iq4_xs,q4_k,q5_k,q6_k,q8_0,nf4); "
                         "rows that a K type does not fit get its fallback and the legacy/IQ4 types; f16 is the top")
     p.add_argument("--measure", choices=("all", "sample", "none"), default="sample",
                    help="KLD measured for every (tensor, format) pair, a sample (the rest predicted by the "
                         "fitted proxy), or none (Fisher prediction only)")
-    p.add_argument("--sample-layers", type=int, default=5, help="layers measured per tensor kind in sample mode")
-    p.add_argument("--fisher-draws", type=int, default=2, help="label draws per held-out chunk for the Fisher")
+    p.add_argument("--sample-layers", type=int, default=4, help="layers measured per tensor kind in sample mode")
+    p.add_argument("--fisher-draws", type=int, default=4, help="label draws per held-out chunk for the Fisher")
     p.add_argument("--proxy-rows", type=int, default=256, help="rows per tensor used for the proxies (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="chunks per forward in the imatrix pass")
@@ -48,8 +48,9 @@ def _run(args: Any, group: Any) -> int:
     from quantforge.calibration.profile import CalibrationSettings, calibrate
 
     settings = CalibrationSettings(tokens=args.tokens, ctx=args.ctx, holdout_tokens=args.holdout_tokens,
-                                   candidates=parse_candidates(args.candidates), measure=args.measure, sample_layers=args.sample_layers,
-                                   fisher_draws=args.fisher_draws, proxy_rows=args.proxy_rows, seed=args.seed)
+                                   candidates=parse_candidates(args.candidates), measure=args.measure,
+                                   sample_layers=args.sample_layers, fisher_draws=args.fisher_draws,
+                                   proxy_rows=args.proxy_rows, seed=args.seed)
     result = calibrate(args.model, args.data, args.output, settings, device=args.device, batch_size=args.batch_size,
                        progress=progress if group.is_main else _quiet, force=args.force)
     if not group.is_main:

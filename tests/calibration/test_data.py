@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from quantforge.calibration.data import iter_documents, load_chunks, render_record, split_counts
+
 from quantforge.errors import InputError
 
 

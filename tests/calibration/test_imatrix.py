@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from quantforge.calibration.imatrix import Imatrix, ImatrixAccumulator, ImatrixEntry, load_imatrix, save_imatrix_gguf
+from quantforge.calibration.imatrix import ImatrixAccumulator, load_imatrix, save_imatrix_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,23 +24,32 @@ def llama_tool(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+CTX, N_CHUNKS = 96, 3
+
+
 @pytest.fixture(scope="module")
-def smollm2_imatrix(smollm2_dir, data_dir):
+def calib_text(tmp_path_factory, data_dir):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text((data_dir / "wikitext-2" / "wiki.valid.raw").read_text(encoding="utf-8")[:6000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_imatrix(smollm2_dir, calib_text):
     """Our imatrix of SmolLM2 over 3 chunks of 96 tokens, from the layer-wise pass."""
     import torch
-    from transformers import AutoTokenizer
-
     from quantforge.calibration.data import load_chunks
     from quantforge.calibration.profile import collect_imatrix, tensor_refs
     from quantforge.calibration.runner import DecoderRunner, load_model
     from quantforge.exporters.gguf.arch import arch_for
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    chunks = load_chunks([data_dir / "wikitext-2" / "wiki.valid.raw"], tok, 288, 96, 0)
+    chunks = load_chunks([calib_text], tok, CTX * N_CHUNKS, CTX, 0)
     model = load_model(smollm2_dir, torch.float32)
     runner = DecoderRunner(model)
     refs = tensor_refs(runner, arch_for("llama"), ["q4_k"])
-    imat = collect_imatrix(runner, refs, chunks.calibration, 96, ["wiki.valid.raw"], batch_size=2)
+    imat = collect_imatrix(runner, refs, chunks.calibration, CTX, ["calib.txt"], batch_size=2)
     return model, chunks.calibration, imat
 
 
@@ -70,7 +78,7 @@ def test_imatrix_matches_forward_hooks(smollm2_imatrix):
     for name, s in sums.items():
         layer, sub = name.split(".")[2], ".".join(name.split(".")[3:])
         e = imat.entries[f"blk.{layer}.{hf_to_gguf[sub]}.weight"]
-        assert e.counts.tolist() == [counts[name]] == [288]
+        assert e.counts.tolist() == [counts[name]] == [CTX * N_CHUNKS]
         np.testing.assert_allclose(e.in_sum2[0], s.numpy(), rtol=2e-4, atol=1e-6)
 
 
@@ -81,7 +89,7 @@ def test_gguf_layout_round_trip(tmp_path, smollm2_imatrix):
     p = tmp_path / "imatrix.gguf"
     save_imatrix_gguf(imat, p)
     back = load_imatrix(p)
-    assert (back.datasets, back.chunk_count, back.chunk_size) == (["wiki.valid.raw"], 3, 96)
+    assert (back.datasets, back.chunk_count, back.chunk_size) == (["calib.txt"], N_CHUNKS, CTX)
     assert sorted(back.entries) == sorted(imat.entries)
     for name, e in imat.entries.items():
         np.testing.assert_array_equal(back.entries[name].in_sum2, e.in_sum2)
@@ -105,59 +113,40 @@ def test_accumulator_skips_short_inputs_and_stacks():
     assert im.for_tensor("blk.0.attn_q.weight").tolist() == [1.0] * 4
 
 
-def test_llama_quantize_accepts_ours(tmp_path, smollm2_dir):
+def test_llama_quantize_accepts_ours(tmp_path, smollm2_gguf_f16, smollm2_imatrix):
     tool = llama_tool("llama-quantize")
     if tool is None:
         pytest.skip("llama-quantize is not built (.bench/llama-build/bin or $LLAMA_CPP_BIN)")
     import gguf
 
-    from quantforge.exporters.gguf import export_gguf
-    from quantforge.testing import tiny_checkpoint
-
-    ckpt = tiny_checkpoint("llama", tmp_path / "tiny", smollm2_dir)
-    f16 = export_gguf(ckpt, tmp_path / "tiny-f16.gguf", qtype="f16")
-    rng = np.random.default_rng(0)
-    entries = {}
-    for i in range(2):
-        for kind, n in (("attn_q", 128), ("attn_k", 128), ("attn_v", 128), ("attn_output", 128),
-                        ("ffn_gate", 128), ("ffn_up", 128), ("ffn_down", 256)):
-            entries[f"blk.{i}.{kind}.weight"] = ImatrixEntry(rng.random((1, n), dtype=np.float32) * 512,
-                                                             np.array([512.0], dtype=np.float32))
-    save_imatrix_gguf(Imatrix(entries, ["unit-test"], 4, 128), tmp_path / "ours.gguf")
-    out = tmp_path / "tiny-q4_k_m.gguf"
-    run = subprocess.run([str(tool), "--imatrix", str(tmp_path / "ours.gguf"), str(f16), str(out), "q4_k_m", "2"],
-                         capture_output=True, text=True, timeout=300)
+    _, _, imat = smollm2_imatrix
+    save_imatrix_gguf(imat, tmp_path / "ours.gguf")
+    out = tmp_path / "q4_0.gguf"
+    run = subprocess.run([str(tool), "--imatrix", str(tmp_path / "ours.gguf"), str(smollm2_gguf_f16), str(out), "Q4_0",
+                          "2"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     r = gguf.GGUFReader(str(out))
-    assert r.fields["quantize.imatrix.entries_count"].contents() == len(entries)
+    assert r.fields["quantize.imatrix.entries_count"].contents() == len(imat.entries) == 210
 
 
-def test_same_statistics_as_llama_imatrix(tmp_path, smollm2_dir, smollm2_gguf_f16, data_dir):
+def test_same_statistics_as_llama_imatrix(tmp_path, smollm2_gguf_f16, smollm2_imatrix, calib_text):
     """llama-imatrix on the same text and chunking gives the same per-column mean squares as ours."""
     tool = llama_tool("llama-imatrix")
     if tool is None:
         pytest.skip("llama-imatrix is not built (.bench/llama-build/bin or $LLAMA_CPP_BIN)")
-    import torch
-    from transformers import AutoTokenizer
-
-    from quantforge.calibration.data import load_chunks
-    from quantforge.calibration.profile import collect_imatrix, tensor_refs
-    from quantforge.calibration.runner import DecoderRunner, load_model
-    from quantforge.exporters.gguf.arch import arch_for
-
-    text = tmp_path / "calib.txt"
-    text.write_text((data_dir / "wikitext-2" / "wiki.valid.raw").read_text(encoding="utf-8")[:6000])
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    chunks = load_chunks([text], tok, 256, 128, 0).calibration
-    runner = DecoderRunner(load_model(smollm2_dir, torch.float32))
-    ours = collect_imatrix(runner, tensor_refs(runner, arch_for("llama"), ["q4_k"]), chunks, 128, ["calib.txt"])
+    _, _, ours = smollm2_imatrix
     out = tmp_path / "llama-imatrix.gguf"
-    run = subprocess.run([str(tool), "-m", str(smollm2_gguf_f16), "-f", str(text), "-o", str(out), "-c", "128",
-                          "--chunks", "2", "-t", "2", "--no-ppl"], capture_output=True, text=True, timeout=600)
+    cmd = [str(tool), "-m", str(smollm2_gguf_f16), "-f", str(calib_text), "-o", str(out), "-c", str(CTX),
+           "--chunks", str(N_CHUNKS), "-t", "2", "--no-ppl"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = load_imatrix(out)
     assert sorted(theirs.entries) == sorted(ours.entries)
+    worst = 0.0
     for name, e in ours.entries.items():
-        assert theirs.entries[name].counts.tolist() == e.counts.tolist() == [256.0]
+        assert theirs.entries[name].counts.tolist() == e.counts.tolist() == [CTX * N_CHUNKS]
         a, b = theirs.for_tensor(name), ours.for_tensor(name)
-        assert np.abs(a - b).sum() / np.abs(b).sum() < 0.02, name
+        worst = max(worst, float(np.abs(a - b).sum() / np.abs(b).sum()))
+    # measured on plain SmolLM2: worst tensor 0.06% relative L1, median 0.01% (llama.cpp runs the f16 file with
+    # f16 weights, we run the bf16 checkpoint in float32); 0.5% leaves room for other builds' kernels
+    assert worst < 0.005, worst

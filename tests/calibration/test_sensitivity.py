@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-
 from quantforge.calibration import candidates as cand
 from quantforge.calibration import sensitivity as sens
 from quantforge.calibration.profile import CalibrationSettings, calibrate
@@ -118,10 +117,9 @@ def test_calibrate_writes_files_and_caches(calibrated, tiny, data_dir, tmp_path)
 
 def test_measured_kld_equals_full_model_recomputation(calibrated, tiny, data_dir):
     """The layer-cached re-run gives the same KLD as quantizing the tensor in the HF model and running it whole."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from quantforge.calibration.data import load_chunks
     from quantforge.calibration.imatrix import load_imatrix
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = calibrated
     imat = load_imatrix(out / "imatrix.gguf")
