@@ -201,12 +201,26 @@ def main() -> None:
                 with open(f, "rb") as fh:
                     while fh.read(1 << 26):
                         pass
+            # the setup's dirty pages (16 GB checkpoint, GGUF files) go to disk now, not during a timed run
+            # (in the 2-GPU run of 2026-11-23 rank 0 lost ~5 s writing the small imatrix file behind them)
+            os.sync()
         import transformers  # noqa: F401  (import time out of both timings)
         stages: dict[str, dict[str, float]] = {}
 
+        def stage_log(items: Any, total: int | None = None, desc: str = "", **_: Any) -> Any:
+            if group.is_main:  # when each calibration stage starts, for the log
+                print(f"  [{time.strftime('%H:%M:%S')}] {desc} ({total})", flush=True)
+            return items
+
         def run_cal(folder: Path, name: str) -> None:
-            r = calibrate(ckpt, [data], folder, CalibrationSettings(**settings), device=dev, force=True)
+            r = calibrate(ckpt, [data], folder, CalibrationSettings(**settings), device=dev, force=True,
+                          progress=stage_log)
             stages[name] = r.seconds
+            if name == "2gpu":  # each rank's own stage times (rank 0's are in the table)
+                for k, sec in enumerate(group.all_gather_object(r.seconds)):
+                    if group.is_main:
+                        notes.append(f"2-GPU calibrate, rank {k} stages: "
+                                     + ", ".join(f"{st} {v:.1f} s" for st, v in sec.items()))
 
         if group.is_main:
             shutil.rmtree(out / "cal-1gpu", ignore_errors=True)

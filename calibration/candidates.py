@@ -58,7 +58,7 @@ def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
     """
     import torch
 
-    w = weight.detach().to("cpu", torch.float32).contiguous()
+    w = weight.detach().to(torch.float32).contiguous()  # on the weight's device: the codecs run on CPU and CUDA
     if fmt == "nf4":
         return nf4_round_trip(w)
     f = get_format(fmt)
@@ -66,7 +66,7 @@ def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
         raise UnsupportedFormat(f"{fmt} is not simulated; use nf4")
     im = None
     if imatrix is not None and f.takes_imatrix:
-        im = torch.as_tensor(imatrix, dtype=torch.float32)
+        im = torch.as_tensor(imatrix, dtype=torch.float32, device=w.device)
     return f.dequantize(f.quantize(w, im)).reshape(w.shape)
 
 
@@ -79,7 +79,7 @@ def nf4_round_trip(weight: Any) -> Any:
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, NF4_BLOCK)
     absmax = blocks.abs().amax(1, keepdim=True)
     scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=flat.device)
     mids = (code[1:] + code[:-1]) / 2
     idx = torch.bucketize(scaled, mids)
     out = code[idx] * absmax

@@ -132,7 +132,15 @@ def _load_dat(p: Path) -> Imatrix:
 
 
 def save_imatrix_gguf(imat: Imatrix, path: str | os.PathLike[str]) -> None:
-    """Write ``imat`` in llama.cpp's GGUF imatrix layout (entries sorted by name, deterministic bytes)."""
+    """Write ``imat`` in llama.cpp's GGUF imatrix layout (entries sorted by name, deterministic bytes), under a
+    temporary name renamed into place (an existing file is replaced: the caller decides whether it may be)."""
+    from ..io import atomic_file
+
+    with atomic_file(path, force=True) as tmp:
+        _write_imatrix_gguf(imat, tmp)
+
+
+def _write_imatrix_gguf(imat: Imatrix, path: Path) -> None:
     import gguf
     import numpy as np
 

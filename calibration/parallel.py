@@ -3,9 +3,9 @@
 * Importance matrix: each rank runs every ``world``-th batch of calibration chunks through the model, layer by
   layer; the float64 sums of squares and the token counts are summed over ranks with one ``all_reduce``
   (:meth:`.imatrix.ImatrixAccumulator.all_reduce`), so every rank holds the one-process imatrix (to rounding).
-* Sensitivity: every rank caches the held-out activations and runs the (cheap) Fisher backward; the expensive
-  per-tensor work, the proxies of each tensor and the KLD measurement of each (tensor, format) pair, is split by
-  tensor across ranks (:func:`quantforge.distributed.partition` of an estimated cost), and the records are
+* Sensitivity: every rank caches the held-out activations; the Fisher backward is split by held-out chunk
+  (labels drawn per chunk, sums reduced with ``all_reduce`` layer by layer); the per-tensor work, the proxies
+  of each tensor and the KLD measurement of each (tensor, format) pair, is split by tensor across ranks (:func:`quantforge.distributed.partition` of an estimated cost), and the records are
   gathered before the fit, which every rank then computes identically. Rank 0 writes the files.
 """
 
@@ -51,6 +51,12 @@ class ShardedProfiler(Profiler):
         members = list(inputs.values())
         owners = partition([sum(proxy_cost(r, self.s.proxy_rows) for r in m) for m in members], group.world)
         self.proxy_owner = {r.gguf_name: o for m, o in zip(members, owners, strict=True) for r in m}
+
+    def fisher_chunks(self) -> list[int]:
+        return [c for c in range(len(self.ids)) if c % self.group.world == self.group.rank]
+
+    def sum_fisher(self, fishers: list[Any]) -> list[Any]:
+        return self.group.all_reduce_(fishers)
 
     def _proxies(self, refs: list[TensorRef], fishers: list[Any]) -> None:
         mine = [(r, f) for r, f in zip(refs, fishers, strict=True) if self.proxy_owner[r.gguf_name] == self.group.rank]

@@ -185,6 +185,14 @@ class Profiler:
         self.records: dict[str, dict[str, dict[str, Any]]] = {r.gguf_name: {} for r in refs}
         self.base_nll = float("nan")
 
+    @property
+    def accumulate_on(self) -> Any:
+        """Where the Fisher sums live: the model's device when the model stays there (no host round trip per
+        backward), else the host (one layer's worth at a time)."""
+        import torch
+
+        return self.runner.device if self.runner.resident else torch.device("cpu")
+
     def _imat(self, ref: TensorRef) -> Any:
         import torch
 
@@ -215,15 +223,18 @@ class Profiler:
 
         r = self.runner
         k_draws = max(1, self.s.fisher_draws)
-        gen = torch.Generator(device="cpu").manual_seed(self.s.seed)
+        mine = self.fisher_chunks()
         by_layer: dict[int | None, list[TensorRef]] = {}
         for ref in self.refs:
             by_layer.setdefault(ref.layer, []).append(ref)
         head_params = [r.lm_head.weight]
-        fisher_head = torch.zeros_like(r.lm_head.weight, dtype=torch.float32, device="cpu")
-        grads: list[list[Any]] = []
+        acc = self.accumulate_on
+        fisher_head = torch.zeros_like(r.lm_head.weight, dtype=torch.float32, device=acc)
+        grads: dict[int, list[Any]] = {}
         with torch.enable_grad():
-            for c in range(len(self.ids)):
+            for c in mine:
+                # labels drawn per chunk from their own stream, so any split of the chunks draws the same ones
+                gen = torch.Generator(device="cpu").manual_seed(self.s.seed * 1_000_003 + c)
                 x = self.h[-1][c].to(r.device).detach().requires_grad_(True)
                 with weight_grads(head_params):
                     lp = sens.log_probs(r.head(x))[0]
@@ -233,49 +244,59 @@ class Profiler:
                         y = torch.multinomial(probs, 1, generator=gen).to(lp.device)
                         x.grad = None
                         lp.gather(1, y).sum().backward(retain_graph=k < k_draws - 1)
-                        fisher_head += head_params[0].grad.float().cpu().pow(2)
+                        fisher_head += head_params[0].grad.float().to(acc).pow(2)
                         head_params[0].grad = None
                         row.append(x.grad.detach())
-                grads.append(row)
+                grads[c] = row
             for i in self.progress(range(r.n_layers - 1, -1, -1), total=r.n_layers, desc="fisher + proxies",
                                    unit="layer"):
                 refs = by_layer.get(i, [])
                 params = [ref.module.weight for ref in refs]
-                fisher = [torch.zeros_like(p, dtype=torch.float32, device="cpu") for p in params]
+                fisher = [torch.zeros_like(p, dtype=torch.float32, device=acc) for p in params]
                 with r.on_device(i), weight_grads(params):
-                    for c in range(len(self.ids)):
+                    for c in mine:
                         x = self.h[i][c].to(r.device).detach().requires_grad_(True)
                         out = r.layer(i, x, self.ctxs(x))
                         for k in range(k_draws):
                             x.grad = None
                             out.backward(grads[c][k], retain_graph=k < k_draws - 1)
                             for f, p in zip(fisher, params, strict=True):
-                                f += p.grad.float().cpu().pow(2)
+                                f += p.grad.float().to(acc).pow(2)
                                 p.grad = None
                             grads[c][k] = x.grad.detach()
-                self._proxies(refs, [f / k_draws for f in fisher])
+                self._proxies(refs, [f / k_draws for f in self.sum_fisher(fisher)])
         emb_refs = by_layer.get(None, [])
+        fisher_head = self.sum_fisher([fisher_head])[0]
         for ref in emb_refs:
             if ref.kind == "token_embd":
-                f = self._embedding_fisher(grads)
+                f = self.sum_fisher([self._embedding_fisher(grads)])[0]
                 if r.tied:
                     f += fisher_head
                 self._proxies([ref], [f / k_draws])
             else:
                 self._proxies([ref], [fisher_head / k_draws])
 
-    def _embedding_fisher(self, grads: list[list[Any]]) -> Any:
+    def fisher_chunks(self) -> list[int]:
+        """The held-out chunks whose Fisher this process computes (all of them; ranks share them out)."""
+        return list(range(len(self.ids)))
+
+    def sum_fisher(self, fishers: list[Any]) -> list[Any]:
+        """Fisher sums over every process's chunks (one process: as they are)."""
+        return fishers
+
+    def _embedding_fisher(self, grads: dict[int, list[Any]]) -> Any:
         import torch
 
         w = self.runner.decoder.embed_tokens.weight
-        f = torch.zeros_like(w, dtype=torch.float32, device="cpu")
+        acc = self.accumulate_on
+        f = torch.zeros_like(w, dtype=torch.float32, device=acc)
         scale = 1.0
         if getattr(self.runner.config, "model_type", "") in ("gemma", "gemma2"):
             scale = float(self.runner.config.hidden_size) ** 0.5
-        for c, ids in enumerate(self.ids):
-            uniq, inv = torch.unique(torch.as_tensor(ids), return_inverse=True)
-            for g in grads[c]:
-                d = torch.zeros(len(uniq), w.shape[1]).index_add_(0, inv, g[0].float().cpu() * scale)
+        for c, row in grads.items():
+            uniq, inv = torch.unique(torch.as_tensor(self.ids[c], device=acc), return_inverse=True)
+            for g in row:
+                d = torch.zeros(len(uniq), w.shape[1], device=acc).index_add_(0, inv, g[0].float().to(acc) * scale)
                 f[uniq] += d.pow(2)
         return f
 
@@ -284,6 +305,7 @@ class Profiler:
         an imatrix, so their sampled rows go through each codec in one call (codec calls cost mostly per call)."""
         import torch
 
+        dev = self.runner.device  # the codecs and the proxies' sums run where the model runs
         groups: dict[tuple[Any, ...], list[int]] = {}
         for n, ref in enumerate(refs):
             imat = self._imat(ref)
@@ -292,11 +314,13 @@ class Profiler:
         for members in groups.values():
             parts = []
             for n in members:
-                w = refs[n].module.weight.detach().float().cpu()
+                w = refs[n].module.weight.detach()
                 rows = sens.row_sample(w.shape[0], self.s.proxy_rows * (4 if refs[n].layer is None else 1))
-                parts.append((refs[n], w[rows], fishers[n][rows], w.shape[0] / len(rows)))
+                parts.append((refs[n], w[rows.to(w.device)].to(dev, torch.float32),
+                              fishers[n][rows.to(fishers[n].device)].to(dev), w.shape[0] / len(rows)))
             first = parts[0][0]
             imat = self._imat(first)
+            imat = None if imat is None else imat.to(dev)
             stacked = torch.cat([p[1] for p in parts])
             for t in first.candidates:
                 if t == cand.TOP:
@@ -339,7 +363,7 @@ class Profiler:
 
         r = self.runner
         for ref, t in self.progress(pairs, total=len(pairs), desc="measure KLD", unit="pair"):
-            wq = cand.fake_quantize(ref.module.weight, t, self._imat(ref))
+            wq = cand.fake_quantize(ref.module.weight.to(r.device), t, self._imat(ref))
             klds = []
             with torch.no_grad(), swapped_weight(ref.module, wq):
                 for c, ids in enumerate(self.ids):
@@ -451,7 +475,9 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
     tokenizer = AutoTokenizer.from_pretrained(src.path)
     chunks = load_chunks(data, tokenizer, s.tokens, s.ctx, s.holdout_tokens)
     torch.manual_seed(s.seed)
-    runner = DecoderRunner(load_model(src.path), device=group.local_device(device))
+    run_on = group.local_device(device)
+    runner = DecoderRunner(load_model(src.path, device=run_on, n_params=sum(src.numel(n) for n in src.tensors)),
+                           device=run_on)
     refs = tensor_refs(runner, spec, s.candidates)
     seconds["load"] = time.perf_counter() - t0
     if imatrix_reused:

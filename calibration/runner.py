@@ -28,12 +28,21 @@ class Context:
     masks: dict[str, Any]
 
 
-def load_model(path: Any, dtype: Any = None) -> Any:
-    """The HF causal LM of a checkpoint folder on the CPU, in ``dtype`` (float32 by default), eval mode."""
+def load_model(path: Any, dtype: Any = None, device: Any = None, n_params: int | None = None) -> Any:
+    """The HF causal LM of a checkpoint folder in ``dtype`` (float32 by default), eval mode: on the CPU, or
+    loaded straight onto ``device`` (a GPU) when ``n_params`` weights of that dtype fit it with room to spare,
+    so no host copy of the whole model is made."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    dtype = dtype or torch.float32
+    dev = torch.device(device) if device is not None else None
+    if (dev is not None and dev.type == "cuda" and n_params is not None
+            and _fits(n_params * torch.empty((), dtype=dtype).element_size(), dev)):
+        # the checkpoint's own dtype crosses to the GPU (half the bytes of float32), the cast runs there
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map={"": str(dev)}).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -146,6 +155,12 @@ def _fits_device(model: Any, device: Any) -> bool:
 
     if device.type != "cuda":
         return True
+    return _fits(sum(p.numel() * p.element_size() for p in model.parameters()), device)
+
+
+def _fits(nbytes: int, device: Any) -> bool:
+    """Whether ``nbytes`` of weights leave room on ``device`` for activations, gradients and codec work."""
+    import torch
+
     free, _ = torch.cuda.mem_get_info(device)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return size < 0.6 * free
+    return nbytes < 0.6 * free

@@ -32,6 +32,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 DEFAULT_TIMEOUT_S = 3600
+SHARED_FS_ENV = "QUANTFORGE_SHARED_FS"
 _OK, _FAILED = 0, 1
 
 
@@ -138,6 +139,23 @@ class Group:
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         parts = buf.cpu().split([f.numel() for f in flat])
         return [p.reshape(torch.as_tensor(t).shape) for p, t in zip(parts, tensors, strict=True)]
+
+    def all_reduce_(self, tensors: Sequence[Any]) -> list[Any]:
+        """Sum ``tensors`` over ranks in place, in their own dtype, on the collective's device (NCCL: each
+        rank's GPU; tensors elsewhere make a round trip). Large float32 sums (Fisher information) stay on the
+        GPU, which :meth:`all_reduce_sum`'s float64 host copies would not."""
+        if not self.distributed:
+            return list(tensors)
+        import torch.distributed as dist
+
+        for t in tensors:
+            if str(t.device) == self.comm_device or (t.device.type == "cpu" and self.comm_device == "cpu"):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            else:
+                moved = t.to(self.comm_device)
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+                t.copy_(moved)
+        return list(tensors)
 
     def send_bytes(self, data: Any, dst: int = 0) -> None:
         """Send one encoded item (a uint8 tensor on any device) to ``dst``: a header (status, length), then the
@@ -425,17 +443,20 @@ def ordered_stream(items: Sequence[T], encode: Callable[[T, str], Any], nbytes: 
     the group's timeout passes.
     """
     if not group.distributed:
-        for data in ordered_map(encode, items, devices, costs, depth):
-            yield data.cpu().numpy()
+        # always threaded: the next items encode (and copy to host) while the consumer writes this one
+        yield from ordered_map(lambda it, dev: encode(it, dev).cpu().numpy(), items, devices, costs, depth,
+                               threaded=True)
         return
     owners = partition(costs, group.world)
     mine = [i for i, o in enumerate(owners) if o == group.rank]
     own_costs = [costs[i] for i in mine]
-    local = ordered_map(lambda i, dev: encode(items[i], dev), mine, devices, own_costs, depth, threaded=True)
+    on_main = group.is_main
+    local = ordered_map(lambda i, dev: _host(encode(items[i], dev)) if on_main else encode(items[i], dev), mine,
+                        devices, own_costs, depth, threaded=True)
     try:
         if group.is_main:
             for item, o in zip(items, owners, strict=True):
-                yield next(local).cpu().numpy() if o == 0 else group.recv_bytes(o, nbytes(item))
+                yield next(local) if o == 0 else group.recv_bytes(o, nbytes(item))
             return
         try:
             for data in local:
@@ -448,6 +469,44 @@ def ordered_stream(items: Sequence[T], encode: Callable[[T, str], Any], nbytes: 
             raise
     finally:
         local.close()
+
+
+def shares_files(group: Group, environ: dict[str, str] | None = None) -> bool:
+    """Whether every rank of ``group`` sees the same files (so all can write into one output file):
+    ``QUANTFORGE_SHARED_FS=1``/``0`` decides; otherwise true when torchrun put all ranks on one node
+    (``LOCAL_WORLD_SIZE == WORLD_SIZE``)."""
+    env = os.environ if environ is None else environ
+    forced = env.get(SHARED_FS_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    return env.get("LOCAL_WORLD_SIZE") == str(group.world)
+
+
+def raise_any(group: Group, failure: BaseException | None) -> None:
+    """Collective: every rank says whether its part failed; if any did, every rank raises (a rank its own
+    exception, the others the first failed rank's error with its type), so all ranks stop together."""
+    if not group.distributed:
+        if failure is not None:
+            raise failure
+        return
+    mine = None
+    if failure is not None:
+        kind = type(failure).__name__ if isinstance(failure, QuantforgeError) else "DistributedError"
+        text = str(failure) if isinstance(failure, QuantforgeError) else f"{type(failure).__name__}: {failure}"
+        mine = json.dumps({"type": kind, "message": text}).encode()
+    reports = group.all_gather_object(mine)
+    if failure is not None:
+        raise failure
+    for src, raw in enumerate(reports):
+        if raw is not None:
+            raise _remote_error(src, raw)
+
+
+def _host(data: Any) -> Any:
+    """``data`` (a uint8 tensor) as a host numpy array."""
+    return data.cpu().numpy()
 
 
 def drain(stream: Iterable[Any]) -> None:

@@ -29,7 +29,7 @@ BATCH = 1  # 4 calibration chunks -> 4 batches, 2 per rank
 NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"  # encoded by rank 1 (after rank 0's share of token_embd)
 
 WORKER = r"""
-import json, sys
+import json, os, sys
 import torch.distributed
 from quantforge import distributed
 from quantforge.cli.main import main
@@ -44,8 +44,11 @@ codes["q4_k_m"] = main(["quantize", cfg["model"], "--type", "q4_k_m", "--imatrix
                         "-o", cfg["out"] + "/q4_k_m.gguf"])
 src = ModelSource.open(cfg["model"])
 write_gguf(src, cfg["out"] + "/q8_0.gguf", "q8_0", chunk_elems=4096)
-src.close()
 codes["nan"] = main(["quantize", cfg["nan_model"], "--type", "q8_0", "-o", cfg["out"] + "/nan.gguf"])
+os.environ["QUANTFORGE_SHARED_FS"] = "0"  # the path for ranks on separate nodes: rank 0 receives and writes
+write_gguf(src, cfg["out"] + "/q8_0-sent.gguf", "q8_0", chunk_elems=4096)
+codes["nan_sent"] = main(["quantize", cfg["nan_model"], "--type", "q8_0", "-o", cfg["out"] + "/nan-sent.gguf"])
+src.close()
 json.dump(codes, open(cfg["out"] + f"/rank{group.rank}.json", "w"))
 torch.distributed.destroy_process_group()
 """
@@ -102,6 +105,15 @@ def test_ordered_map_keeps_order_and_raises_in_order():
         for v, _ in distributed.ordered_map(slow_square, list(range(12)), ["a", "b"], depth=1):
             seen.append(v)
     assert seen == [x * x for x in range(7)]
+
+
+def test_shares_files_follows_torchrun_nodes_unless_forced():
+    group = distributed.Group(rank=1, world=4, local_rank=1, backend="gloo")
+    assert distributed.shares_files(group, {"LOCAL_WORLD_SIZE": "4"})  # one node
+    assert not distributed.shares_files(group, {"LOCAL_WORLD_SIZE": "2"})  # two nodes
+    assert not distributed.shares_files(group, {})
+    assert distributed.shares_files(group, {"LOCAL_WORLD_SIZE": "2", "QUANTFORGE_SHARED_FS": "1"})
+    assert not distributed.shares_files(group, {"LOCAL_WORLD_SIZE": "4", "QUANTFORGE_SHARED_FS": "0"})
 
 
 def test_env_world_and_single_process_group(monkeypatch):
@@ -189,18 +201,19 @@ def test_two_ranks_write_the_same_gguf_bytes(runs):
     one, two, codes, logs = runs
     assert [c["world"] for c in codes] == [2, 2] and codes[0]["backend"] == "gloo"
     assert [c["q4_k_m"] for c in codes] == [0, 0]
-    for name in ("q4_k_m.gguf", "q8_0.gguf"):
-        a, b = (one / name).read_bytes(), (two / name).read_bytes()
-        assert len(a) == len(b) and a == b, name
+    for name, other in (("q4_k_m.gguf", "q4_k_m.gguf"), ("q8_0.gguf", "q8_0.gguf"), ("q8_0.gguf", "q8_0-sent.gguf")):
+        a, b = (one / name).read_bytes(), (two / other).read_bytes()
+        assert len(a) == len(b) and a == b, other
     assert "wrote" in logs[0][1] and "wrote" not in logs[1][1]  # only rank 0 reports
 
 
 def test_failure_on_another_rank_reaches_rank_0_with_its_type(runs):
     _, two, codes, logs = runs
-    assert [c["nan"] for c in codes] == [2, 2]
+    assert [c["nan"] for c in codes] == [2, 2] and [c["nan_sent"] for c in codes] == [2, 2]
     err0 = logs[0][2]
-    assert "rank 1:" in err0 and "NaN" in err0 and NAN_TENSOR in err0, err0[-2000:]
-    assert not (two / "nan.gguf").exists() and not list(two.glob(".nan.gguf*"))
+    assert err0.count("rank 1:") == 2 and "NaN" in err0 and NAN_TENSOR in err0, err0[-2000:]
+    for name in ("nan.gguf", "nan-sent.gguf"):
+        assert not (two / name).exists() and not list(two.glob(f".{name}*")), name
 
 
 def test_two_ranks_calibrate_the_same_imatrix_and_sensitivity(runs):

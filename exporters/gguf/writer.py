@@ -237,12 +237,11 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     ``devices`` (e.g. ``["cuda:0", "cuda:1"]``): one thread per device encodes its share of the row chunks while
     this thread writes them in order. In a distributed job (:func:`quantforge.distributed.current`) every rank
     calls this with the same arguments: the row chunks are split across ranks (``device="cuda"`` is each rank's
-    own GPU), rank 0 receives the encoded bytes and writes the file, the other ranks write nothing. The file is
+    own GPU). Ranks on one file system (one node, or ``QUANTFORGE_SHARED_FS=1``) write their chunks into the file
+    themselves, in parallel; otherwise rank 0 receives the encoded bytes and writes them. The file is
     byte-identical to a one-process run in every case.
     """
-    import gguf
-
-    from ...distributed import current, drain, ordered_stream
+    from ...distributed import current, drain, ordered_stream, shares_files
 
     mix = get_mix(qtype)
     spec = archmod.arch_for(src.model_type)
@@ -269,40 +268,140 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
                               chunk_elems=chunk_elems, device=device) for j in jobs]
     # the unit of work: one row chunk of one tensor, costed by its weight count
     units = [(e, a, b) for e in encoders for a, b in e.ranges]
+    costs = [u[0].fmt_numel() * (u[2] - u[1]) / u[0].n_rows for u in units]
+    devs = [group.local_device(d) for d in devices] if devices else [device]
+
+    def head(tmp: Path) -> Any:
+        return _write_head(tmp, src, spec, mix, jobs, n_vocab, imat, imatrix)
+
+    if group.distributed and shares_files(group):
+        return _write_shared(group, output, force, head, encoders, units, costs, devs, progress, mix.name)
     stream = ordered_stream(units, lambda u, dev: u[0].encode(u[1], u[2], dev),
-                            lambda u: u[0].range_nbytes(u[1], u[2]),
-                            [u[0].fmt_numel() * (u[2] - u[1]) / u[0].n_rows for u in units], group,
-                            [group.local_device(d) for d in devices] if devices else [device])
+                            lambda u: u[0].range_nbytes(u[1], u[2]), costs, group, devs)
     if not group.is_main:
         drain(stream)
         group.barrier()
         return Path(output)
     with atomic_file(output, force=force) as tmp, contextlib.closing(stream):
-        w = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
-        w.add_type("model")
-        w.add_name(general_name(src))
-        w.add_size_label(size_label(sum(src.numel(n) for n in src.tensors)))
-        w.add_quantized_by(f"quantforge {__version__}")
-        archmod.write_hparams(w, spec, src.text_config)
-        w.add_file_type(mix.file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if imat is not None:
-            w.add_string("quantize.imatrix.file", Path(imatrix).name)
-            w.add_array("quantize.imatrix.datasets", imat.datasets or ["unknown"])
-            w.add_uint32("quantize.imatrix.entries_count", len(imat.entries))
-            w.add_uint32("quantize.imatrix.chunks_count", int(imat.chunk_count))
-        write_tokenizer(w, src.path, n_vocab)
-        for j in jobs:
-            f = get_format(j.fmt)
-            w.add_tensor_info(j.gguf_name, f.byte_shape(j.shape), _np_u8(), f.nbytes(j.shape),
-                              raw_dtype=gguf.GGMLQuantizationType(f.ggml_type))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w = head(tmp)
         chunks = iter(stream)
         for e in progress(encoders, total=len(encoders), desc=f"gguf {mix.name}", unit="tensor"):
             w.write_tensor_data(StreamedTensor(e.job.gguf_name, e.nbytes, itertools.islice(chunks, len(e.ranges))))
         w.close()
+    group.barrier()
+    return Path(output)
+
+
+def _write_head(tmp: Path, src: ModelSource, spec: archmod.ArchSpec, mix: Any, jobs: list[TensorJob],
+                n_vocab: int, imat: Any, imatrix: Any) -> Any:
+    """A :class:`gguf.GGUFWriter` on ``tmp`` with the header, metadata and tensor table written: the tensor data
+    comes next."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp), spec.gguf_arch)
+    w.add_type("model")
+    w.add_name(general_name(src))
+    w.add_size_label(size_label(sum(src.numel(n) for n in src.tensors)))
+    w.add_quantized_by(f"quantforge {__version__}")
+    archmod.write_hparams(w, spec, src.text_config)
+    w.add_file_type(mix.file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if imat is not None:
+        w.add_string("quantize.imatrix.file", Path(imatrix).name)
+        w.add_array("quantize.imatrix.datasets", imat.datasets or ["unknown"])
+        w.add_uint32("quantize.imatrix.entries_count", len(imat.entries))
+        w.add_uint32("quantize.imatrix.chunks_count", int(imat.chunk_count))
+    write_tokenizer(w, src.path, n_vocab)
+    for j in jobs:
+        f = get_format(j.fmt)
+        w.add_tensor_info(j.gguf_name, f.byte_shape(j.shape), _np_u8(), f.nbytes(j.shape),
+                          raw_dtype=gguf.GGMLQuantizationType(f.ggml_type))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _unit_offsets(encoders: list[EncodedTensor], align: int) -> tuple[list[int], int]:
+    """Byte offset of every row chunk within the tensor-data section (tensors aligned as GGUFWriter aligns
+    them), and the section's length."""
+    offsets, pos = [], 0
+    for e in encoders:
+        row = 0
+        for a, b in e.ranges:
+            offsets.append(pos + row)
+            row += e.range_nbytes(a, b)
+        pos += _pad(e.nbytes, align)
+    return offsets, pos
+
+
+def _pwrite(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], Any], encoders: list[EncodedTensor],
+                  units: list[Any], costs: list[float], devices: list[str], progress: Progress, label: str) -> Path:
+    """Every rank writes its own row chunks straight into rank 0's temporary file at their final offsets (ranks
+    that see one file system: :func:`quantforge.distributed.shares_files`), so no bytes travel between ranks
+    and the writes run in parallel. Rank 0 writes the header and sizes the file first (the gaps between
+    tensors stay zero, as GGUFWriter pads them); the file is renamed into place once every rank succeeded."""
+    from ...distributed import ordered_map, partition, raise_any
+
+    owners = partition(costs, group.world)
+    mine = [i for i, o in enumerate(owners) if o == group.rank]
+
+    def write_mine(tmp: str, start: int, offsets: list[int]) -> None:
+        encoded = ordered_map(lambda i, dev: units[i][0].encode(units[i][1], units[i][2], dev).cpu().numpy(), mine,
+                              devices, [costs[i] for i in mine], threaded=True)
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            with contextlib.closing(encoded):
+                for i, data in progress(zip(mine, encoded), total=len(mine), desc=f"gguf {label}", unit="chunk"):
+                    e, a, b = units[i]
+                    if data.nbytes != e.range_nbytes(a, b):
+                        raise InputError(f"{e.job.gguf_name}: encoded {data.nbytes} bytes for rows {a}:{b}, "
+                                         f"expected {e.range_nbytes(a, b)}")
+                    _pwrite(fd, data, start + offsets[i])
+        finally:
+            os.close(fd)
+
+    def run(layout: Any) -> None:
+        failure: BaseException | None = None
+        try:
+            if layout is None:
+                from ...distributed import DistributedError
+
+                raise DistributedError("rank 0 failed before the tensor data; see its error")
+            write_mine(*layout)
+        except Exception as exc:
+            failure = exc
+        raise_any(group, failure)
+
+    if not group.is_main:
+        run(group.broadcast_object(None))
+        group.barrier()
+        return Path(output)
+    with atomic_file(output, force=force) as tmp:
+        try:
+            w = head(tmp)
+            fout = w.fout[0]
+            fout.flush()
+            offsets, length = _unit_offsets(encoders, w.data_alignment)
+            start = _pad(fout.tell(), w.data_alignment)
+            fout.truncate(start + length)
+            w.close()
+        except BaseException:
+            group.broadcast_object(None)
+            raise
+        layout = group.broadcast_object((str(tmp), start, offsets))
+        run(layout)
     group.barrier()
     return Path(output)
 
