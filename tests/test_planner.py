@@ -63,7 +63,7 @@ def tiny(tmp_path_factory, smollm2_dir):
     return tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir, init_std=0.05)
 
 
-def _synthetic_calibration(model, folder, seed=0):
+def _synthetic_calibration(model, folder, seed=0, with_imatrix=False):
     """A sensitivity table for ``model`` with made-up costs (cheaper formats cost more), as calibrate writes it."""
     from quantforge.calibration import candidates as cand
     from quantforge.calibration import store
@@ -91,6 +91,15 @@ def _synthetic_calibration(model, folder, seed=0):
                                 "layer": int(j.gguf_name.split(".")[1]) if is_layer else None, "candidates": c}
     folder.mkdir(parents=True, exist_ok=True)
     table = {"version": 1, "model": {"hash": store.model_hash(src)}, "tensors": tensors}
+    if with_imatrix:  # a made-up importance matrix over every layer weight's input columns
+        import numpy as np
+
+        from quantforge.calibration.imatrix import Imatrix, ImatrixEntry, save_imatrix_gguf
+
+        entries = {n: ImatrixEntry(np.array([[rng.uniform(0.01, 4.0) for _ in range(t["shape"][-1])]],
+                                            dtype=np.float32), np.array([64.0], dtype=np.float32))
+                   for n, t in tensors.items() if t["layer"] is not None}
+        save_imatrix_gguf(Imatrix(entries, ["synthetic"], 4, 16), folder / "imatrix.gguf")
     (folder / "sensitivity.json").write_text(json.dumps(table))
     return table
 
@@ -103,6 +112,12 @@ def _tensor_types_and_bytes(path):
     r = gguf.GGUFReader(str(path))
     return ({t.name: by_ggml_type(int(t.tensor_type)).name for t in r.tensors},
             sum(int(t.n_bytes) for t in r.tensors))
+
+
+def _tensor_data(path):
+    import gguf
+
+    return {t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(str(path)).tensors}
 
 
 def test_plan_applies_exactly_within_budget(tmp_path, tiny):
@@ -125,6 +140,36 @@ def test_plan_applies_exactly_within_budget(tmp_path, tiny):
     assert nbytes == plan.predicted["tensor_bytes"] <= plan.budget["bytes"]
     assert nbytes >= 0.99 * ref_bytes
     assert len({c.type for c in plan.tensors.values()}) > 2
+
+
+def test_plan_applies_with_its_calibrations_imatrix(tmp_path, tiny):
+    """A plan records its calibration's imatrix (relative to the plan) and quantize uses it without --imatrix:
+    same bytes as passing it explicitly, other tensor bytes than without one; a missing recorded imatrix is a
+    clear exit 2."""
+    import shutil
+
+    from quantforge.cli.main import main
+    from quantforge.exporters.gguf import export_gguf
+
+    from quantforge.plan import load_plan, save_plan
+
+    cal = tmp_path / "cal"
+    _synthetic_calibration(tiny, cal, with_imatrix=True)
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    assert plan_cli(str(tiny), "--calibration", str(cal), "--like", "q4_k_m", "-o", str(plans / "p.yaml")) == 0
+    assert load_plan(plans / "p.yaml").calibration["imatrix"] == "../cal/imatrix.gguf"
+    implicit = export_gguf(tiny, tmp_path / "implicit.gguf", plan=plans / "p.yaml")
+    explicit = export_gguf(tiny, tmp_path / "explicit.gguf", plan=plans / "p.yaml", imatrix=cal / "imatrix.gguf")
+    assert implicit.read_bytes() == explicit.read_bytes()
+    shutil.move(cal / "imatrix.gguf", tmp_path / "moved.gguf")
+    assert main(["quantize", str(tiny), "--plan", str(plans / "p.yaml"), "-o", str(tmp_path / "x.gguf")]) == 2
+    assert not (tmp_path / "x.gguf").exists()
+    plan = load_plan(plans / "p.yaml")
+    del plan.calibration["imatrix"]
+    save_plan(plan, plans / "no-imatrix.yaml")
+    none = export_gguf(tiny, tmp_path / "none.gguf", plan=plans / "no-imatrix.yaml")
+    assert _tensor_data(none) != _tensor_data(implicit)  # the recorded imatrix did weigh the searches
 
 
 def test_plan_by_bpw_and_errors(tmp_path, tiny):

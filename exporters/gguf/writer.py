@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import __version__
-from ...errors import CorruptCheckpoint, InputError, PlanError
+from ...errors import CorruptCheckpoint, InputError, MissingFile, PlanError
 from ...formats import get_format
 from ...io import atomic_file, check_output
 from ...model_source import ModelSource
@@ -218,7 +218,8 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
                 imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
                 force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
                 devices: Sequence[str] | None = None) -> Path:
-    """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types).
+    """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types, with the
+    plan's recorded imatrix unless ``imatrix`` is given).
     ``device``, ``devices`` and distributed runs: see :func:`write_gguf`."""
     src = ModelSource.open(model)
     try:
@@ -247,11 +248,6 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     spec = archmod.arch_for(src.model_type)
     jobs = plan_tensors(src, spec)
     group = current()
-    imat = None
-    if imatrix is not None:
-        from ...calibration.imatrix import load_imatrix
-
-        imat = group.on_main(lambda: load_imatrix(imatrix))  # rank 0 reads it: the file need not be on every node
     plan_types = None
     if plan is not None:
         from ...plan import load_plan
@@ -260,6 +256,13 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         plan_types = loaded.gguf_types()
         if loaded.base_type:
             mix = get_mix(loaded.base_type)
+        if imatrix is None:
+            imatrix = group.on_main(lambda: plan_imatrix(loaded, plan))
+    imat = None
+    if imatrix is not None:
+        from ...calibration.imatrix import load_imatrix
+
+        imat = group.on_main(lambda: load_imatrix(imatrix))  # rank 0 reads it: the file need not be on every node
     assign_types(jobs, mix.name, model_shape(src, jobs), imat is not None, plan_types)
     n_vocab = jobs[0].shape[0]
     group.on_main(lambda: check_output(output, force))
@@ -290,6 +293,20 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         w.close()
     group.barrier()
     return Path(output)
+
+
+def plan_imatrix(plan: Any, plan_path: str | os.PathLike[str]) -> Path | None:
+    """The importance matrix the plan's calibration recorded (``calibration.imatrix``), so a plan applies with the
+    imatrix it was made with: relative to the plan file (as ``quantforge plan`` records it), else as written.
+    ``None`` when the plan names none."""
+    recorded = (plan.calibration or {}).get("imatrix")
+    if not recorded:
+        return None
+    for candidate in (Path(plan_path).parent / recorded, Path(recorded)):
+        if candidate.is_file():
+            return candidate
+    raise MissingFile(f"the plan's imatrix {recorded!r} was not found; pass --imatrix FILE, or delete "
+                      "calibration.imatrix from the plan to quantize without one", path=plan_path)
 
 
 def _write_head(tmp: Path, src: ModelSource, spec: archmod.ArchSpec, mix: Any, jobs: list[TensorJob],

@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: Any) -> int:
+    import os
     from pathlib import Path
 
     from quantforge.calibration import store
@@ -41,7 +42,10 @@ def run(args: Any) -> int:
         raise PlanError("the calibration was made for another model (hash mismatch); calibrate this model first",
                         path=args.calibration)
     folder = Path(args.calibration)
-    calib = {"folder": str(folder), "imatrix": str(folder / store.IMATRIX), "model_hash": table["model"]["hash"]}
+    calib = {"folder": str(folder), "model_hash": table["model"]["hash"]}
+    if (folder / store.IMATRIX).is_file():  # recorded relative to the plan file, so the two can move together
+        plan_dir = Path(args.output).resolve().parent
+        calib["imatrix"] = os.path.relpath((folder / store.IMATRIX).resolve(), plan_dir)
     if args.target == "bnb4":
         params = {n: t.shape for n, t in src.tensors.items()}
         plan = plan_bnb4(table, params, args.max_overhead, args.double_quant, args.method)
@@ -57,13 +61,13 @@ def run(args: Any) -> int:
     plan = _gguf_plan(args, src, table)
     plan.calibration = calib
     plan.model = str(src.path)
-    plan.notes = (f"apply with: quantforge quantize {src.path} --format gguf --plan {args.output} "
-                  f"--imatrix {calib['imatrix']} -o OUT.gguf")
+    plan.notes = f"apply with: quantforge quantize {src.path} --format gguf --plan {args.output} -o OUT.gguf"
     save_plan(plan, args.output, force=args.force)
     p = plan.predicted
     out(f"wrote {args.output}: {p['tensor_bytes']:,} tensor bytes ({p['bpw']:.4f} bpw, budget "
         f"{plan.budget['bytes']:,}), predicted KLD sum {p['kld_sum']:.4g}")
-    out(f"apply with: quantforge quantize MODEL --plan {args.output} --imatrix {calib['imatrix']} -o OUT.gguf")
+    out(f"apply with: quantforge quantize MODEL --plan {args.output} -o OUT.gguf"
+        + (f"  (with the calibration's imatrix, {folder / store.IMATRIX})" if "imatrix" in calib else ""))
     return 0
 
 
