@@ -189,7 +189,7 @@ def main() -> None:
 
     if "calibrate" not in args.skip:
         from quantforge.calibration.imatrix import load_imatrix
-        from quantforge.calibration.profile import CalibrationSettings, calibrate
+        from quantforge.calibration.pipeline import CalibrationSettings, calibrate
 
         shared = Path(os.environ.get("QUANTFORGE_DATA", ROOT.parent / "shared" / "data"))
         data = Path(args.data) if args.data else shared / "wikitext-2" / "wiki.valid.raw"

@@ -213,7 +213,7 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a sentence appended to the recorded notes")
     args = ap.parse_args()
 
-    from quantforge.calibration.profile import CalibrationSettings, calibrate
+    from quantforge.calibration.pipeline import CalibrationSettings, calibrate
     from quantforge.exporters.gguf import export_gguf
 
     from quantforge import fixtures

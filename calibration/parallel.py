@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..distributed import Group, partition
-from .profile import Profiler, TensorRef
+from .profile import Profiler
+from .refs import TensorRef
 
 _KEY_ORDER = ("proxy_imatrix", "proxy_fisher", "measured_kld")
 

@@ -1,9 +1,4 @@
-"""The calibration stages over a Hugging Face model, layer by layer.
-
-Stage 1 (importance matrix): the calibration chunks go through layer 0 for all chunks, then layer 1, ...; hooks
-on every linear of the current layer add the squared inputs to the imatrix (llama-imatrix semantics).
-
-Stage 2 (sensitivity), on held-out chunks:
+"""Stage 2 of calibration (sensitivity), on held-out chunks:
 
 1. a forward pass caches the input of every layer and the base log-probabilities;
 2. a backward pass, layer by layer from the top, with labels sampled from the model, gives the diagonal
@@ -16,171 +11,31 @@ Stage 2 (sensitivity), on held-out chunks:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .. import distributed
-from ..errors import InputError, MissingFile
 from . import candidates as cand
 from . import sensitivity as sens
-from . import store
-from .hooks import capture_inputs, linear_modules, swapped_weight, weight_grads
-from .imatrix import Imatrix, ImatrixAccumulator
-from .runner import Context, DecoderRunner
+from .hooks import swapped_weight, weight_grads
+from .imatrix import Imatrix
+from .refs import Contexts, TensorRef
+from .runner import DecoderRunner
+from .settings import CalibrationSettings, Progress, no_progress
 
-Progress = Callable[..., Iterable[Any]]
-MEASURE_MODES = ("all", "sample", "none")
 SENSITIVITY_VERSION = 1
-
-
-def _no_progress(items: Iterable[Any], **_: Any) -> Iterable[Any]:
-    return items
-
-
-@dataclass
-class CalibrationSettings:
-    """Everything that changes the results (all of it is part of the cache key)."""
-
-    tokens: int = 8192
-    ctx: int = 512
-    holdout_tokens: int = 512
-    candidates: list[str] = field(default_factory=lambda: list(cand.DEFAULT_CANDIDATES))
-    measure: str = "sample"
-    sample_layers: int = 4
-    fisher_draws: int = 4
-    proxy_rows: int = 256
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.measure not in MEASURE_MODES:
-            raise InputError(f"--measure must be one of {', '.join(MEASURE_MODES)}, got {self.measure!r}")
-        if self.tokens < self.ctx:
-            raise InputError(f"--tokens ({self.tokens}) must be at least one context ({self.ctx})")
-        if self.holdout_tokens < self.ctx:
-            raise InputError(f"--holdout-tokens ({self.holdout_tokens}) must be at least one context ({self.ctx})")
-        self.candidates = cand.parse_candidates(",".join(self.candidates))
-
-    def imatrix_part(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "ctx": self.ctx}
-
-
-@dataclass
-class TensorRef:
-    """A weight the planner chooses a format for, and the module that holds it."""
-
-    gguf_name: str
-    hf_name: str
-    kind: str
-    layer: int | None
-    module: Any
-    candidates: list[str]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.module.weight.shape)  # type: ignore[return-value]
-
-
-@dataclass
-class CalibrationResult:
-    folder: Path
-    imatrix_reused: bool
-    sensitivity_reused: bool
-    seconds: dict[str, float]
-
-
-def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[TensorRef]:
-    """Every quantizable weight: the linears of each layer, the token embedding, and an untied output."""
-    from ..exporters.gguf.arch import gguf_name
-
-    names = {id(m): n for n, m in runner.model.named_modules()}
-    refs: list[TensorRef] = []
-    emb = runner.decoder.embed_tokens
-    row = int(emb.weight.shape[1])
-    refs.append(TensorRef("token_embd.weight", names[id(emb)] + ".weight", "token_embd", None, emb,
-                          cand.gguf_candidates(requested, row)))
-    for i, layer in enumerate(runner.layers):
-        for _, mod in linear_modules(layer).items():
-            hf = names[id(mod)] + ".weight"
-            g = gguf_name(spec, hf)
-            if g is None:
-                continue
-            n_in = int(mod.weight.shape[1])
-            types = cand.gguf_candidates(requested, n_in)
-            if "nf4" in requested:
-                types = [*types[:-1], "nf4", types[-1]]
-            refs.append(TensorRef(g, hf, g.split(".")[2], i, mod, types))
-    if not runner.tied:
-        head = runner.lm_head
-        refs.append(TensorRef("output.weight", names[id(head)] + ".weight", "output", None, head,
-                              cand.gguf_candidates(requested, int(head.weight.shape[1]))))
-    return refs
-
-
-def _batches(chunks: list[list[int]], size: int) -> list[list[list[int]]]:
-    return [chunks[i:i + size] for i in range(0, len(chunks), size)]
-
-
-class _Contexts:
-    """One :class:`Context` per batch shape."""
-
-    def __init__(self, runner: DecoderRunner) -> None:
-        self.runner = runner
-        self._cache: dict[tuple[int, int], Context] = {}
-
-    def __call__(self, h: Any) -> Context:
-        key = (int(h.shape[0]), int(h.shape[1]))
-        if key not in self._cache:
-            self._cache[key] = self.runner.context(h)
-        return self._cache[key]
-
-
-def collect_imatrix(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]], ctx_len: int,
-                    datasets: list[str], batch_size: int = 4, progress: Progress = _no_progress,
-                    group: Any = None) -> Imatrix:
-    """Stage 1: llama-imatrix's sums of squared matmul inputs per column, for every layer weight.
-
-    ``group`` (a distributed :class:`quantforge.distributed.Group`): this rank runs its share of the batches
-    and the sums are reduced over ranks (see :mod:`.parallel`)."""
-    import torch
-
-    from ..distributed import SINGLE, shard_batches
-
-    group = group or SINGLE
-    n_chunks, chunks = len(chunks), shard_batches(chunks, batch_size, group)
-
-    names = {id(r.module): r.gguf_name for r in refs if r.layer is not None}
-    keyed = {r.gguf_name: r.module for r in refs if r.layer is not None}
-    acc = ImatrixAccumulator({g: g for g in keyed})
-    keep = runner.device if runner.resident else torch.device("cpu")
-    ctxs = _Contexts(runner)
-    with torch.no_grad():
-        hs = [runner.embed(b).to(keep) for b in _batches(chunks, batch_size)]
-        for i in progress(range(runner.n_layers), total=runner.n_layers, desc="imatrix", unit="layer"):
-            mods = {names[id(m)]: m for m in linear_modules(runner.layers[i]).values() if id(m) in names}
-            with runner.on_device(i), capture_inputs(mods, acc.add):
-                for b, h in enumerate(hs):
-                    h = h.to(runner.device)
-                    hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
-    if group.distributed:
-        acc.all_reduce(group)
-    return acc.result(datasets, n_chunks, ctx_len)
 
 
 class Profiler:
     """Stage 2 state: cached layer inputs and base log-probs of the held-out chunks, Fisher, proxies, KLDs."""
 
     def __init__(self, runner: DecoderRunner, refs: list[TensorRef], imatrix: Imatrix, holdout: list[list[int]],
-                 settings: CalibrationSettings, progress: Progress = _no_progress) -> None:
+                 settings: CalibrationSettings, progress: Progress = no_progress) -> None:
         self.runner = runner
         self.refs = refs
         self.imatrix = imatrix
         self.ids = holdout
         self.s = settings
         self.progress = progress
-        self.ctxs = _Contexts(runner)
+        self.ctxs = Contexts(runner)
         self.n_tokens = sum(len(c) for c in holdout)
         self.records: dict[str, dict[str, dict[str, Any]]] = {r.gguf_name: {} for r in refs}
         self.base_nll = float("nan")
@@ -419,109 +274,3 @@ class Profiler:
 
 def _sig(v: Any) -> Any:
     return float(f"{v:.6g}") if isinstance(v, float) else v
-
-
-def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettings | None = None,
-              device: str = "cpu", batch_size: int = 4, progress: Progress = _no_progress,
-              force: bool = False) -> CalibrationResult:
-    """Write ``imatrix.gguf``, ``sensitivity.json``, ``sensitivity.png`` and ``manifest.json`` into ``out``,
-    reusing what a previous run with the same model, data and settings left there."""
-    from ..exporters.gguf.arch import arch_for
-    from ..io import check_output
-    from ..model_source import ModelSource
-    from .data import file_digest, load_chunks
-    from .imatrix import load_imatrix, save_imatrix_gguf
-
-    s = settings or CalibrationSettings()
-    s.validate()
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError("the calibration output must be a folder", path=folder)
-    src = ModelSource.open(model)
-    spec = arch_for(src.model_type)
-    if not data:
-        raise InputError("give at least one --data file")
-    for p in data:
-        if not Path(p).is_file():
-            raise MissingFile("calibration data file not found", path=p)
-    data_info = [{"path": str(Path(p)), "sha256": file_digest(p)} for p in data]
-    mhash = store.model_hash(src)
-    imatrix_key = store.digest({"model": mhash, "data": [d["sha256"] for d in data_info], **s.imatrix_part()})
-    sens_key = store.digest({"imatrix": imatrix_key, **asdict(s)})
-    # torchrun: every rank runs calibrate(); rank 0 owns the folder (decides, reads and writes), see .parallel
-    group = distributed.current()
-
-    def folder_state() -> tuple[bool, bool]:
-        """(sensitivity cached, imatrix cached)."""
-        manifest = store.read_manifest(folder) if folder.is_dir() else None
-        if manifest is None and folder.is_dir() and any(folder.iterdir()) and not force:
-            check_output(folder, force)
-        if store.cached(folder, "sensitivity_key", sens_key, (store.IMATRIX, store.SENSITIVITY, store.PLOT)):
-            return True, True
-        folder.mkdir(parents=True, exist_ok=True)
-        return False, store.cached(folder, "imatrix_key", imatrix_key, (store.IMATRIX,))
-
-    sensitivity_cached, imatrix_reused = group.on_main(folder_state)
-    if sensitivity_cached:
-        return CalibrationResult(folder, True, True, {})
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from .runner import load_model
-
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(src.path)
-    chunks = load_chunks(data, tokenizer, s.tokens, s.ctx, s.holdout_tokens)
-    torch.manual_seed(s.seed)
-    run_on = group.local_device(device)
-    runner = DecoderRunner(load_model(src.path, device=run_on, n_params=sum(src.numel(n) for n in src.tensors)),
-                           device=run_on)
-    refs = tensor_refs(runner, spec, s.candidates)
-    seconds["load"] = time.perf_counter() - t0
-    if imatrix_reused:
-        imatrix = group.on_main(lambda: load_imatrix(folder / store.IMATRIX))
-    else:
-        t0 = time.perf_counter()
-        imatrix = collect_imatrix(runner, refs, chunks.calibration, s.ctx, [Path(p).name for p in data], batch_size,
-                                  progress, group=group)
-        if group.is_main:
-            save_imatrix_gguf(imatrix, folder / store.IMATRIX)
-        seconds["imatrix"] = time.perf_counter() - t0
-    if group.is_main:
-        store.write_manifest(folder, {"imatrix_key": imatrix_key, "model": {"path": str(src.path), "hash": mhash},
-                                      "data": data_info, "settings": s.imatrix_part()})
-    if group.distributed:
-        from .parallel import ShardedProfiler
-
-        prof: Profiler = ShardedProfiler(group, runner, refs, imatrix, chunks.holdout, s, progress)
-    else:
-        prof = Profiler(runner, refs, imatrix, chunks.holdout, s, progress)
-    t0 = time.perf_counter()
-    prof.forward_cache()
-    prof.fisher_and_proxies()
-    seconds["proxies"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pairs = prof.measure_pairs()
-    prof.measure(pairs)
-    seconds["measure"] = time.perf_counter() - t0
-    fit = prof.fit_and_predict()
-    table = {"version": SENSITIVITY_VERSION, "model": {"path": str(src.path), "hash": mhash,
-                                                       "model_type": src.model_type, "tied_embeddings": runner.tied},
-             "settings": asdict(s), "holdout": {"chunks": len(chunks.holdout), "tokens": prof.n_tokens,
-                                                "base_nll": round(prof.base_nll, 5)},
-             "calibration": {"chunks": len(chunks.calibration), "tokens": len(chunks.calibration) * s.ctx},
-             "device": str(runner.device), "n_measured": len(pairs), "fit": fit,
-             "seconds": {k: round(v, 1) for k, v in seconds.items()}, "tensors": prof.table()}
-    if group.is_main:
-        store.write_json(folder / store.SENSITIVITY, table)
-        from .plot import plot_sensitivity
-
-        plot_sensitivity(table, folder / store.PLOT)
-        store.write_manifest(folder, {"imatrix_key": imatrix_key, "sensitivity_key": sens_key,
-                                      "model": {"path": str(src.path), "hash": mhash}, "data": data_info,
-                                      "settings": asdict(s), "files": [store.IMATRIX, store.SENSITIVITY, store.PLOT]})
-    src.close()
-    group.barrier()
-    return CalibrationResult(folder, imatrix_reused, False, seconds)

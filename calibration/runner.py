@@ -151,8 +151,6 @@ class DecoderRunner:
 
 
 def _fits_device(model: Any, device: Any) -> bool:
-    import torch
-
     if device.type != "cuda":
         return True
     return _fits(sum(p.numel() * p.element_size() for p in model.parameters()), device)

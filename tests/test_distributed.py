@@ -143,7 +143,7 @@ def runs(tmp_path_factory, smollm2_dir, data_dir):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from quantforge.calibration.profile import CalibrationSettings, calibrate
+    from quantforge.calibration.pipeline import CalibrationSettings, calibrate
     from quantforge.exporters.gguf.writer import write_gguf
     from quantforge.model_source import ModelSource
     from quantforge.testing import tiny_checkpoint

@@ -45,7 +45,7 @@ def run(args: Any) -> int:
 
 def _run(args: Any, group: Any) -> int:
     from quantforge.calibration.candidates import parse_candidates
-    from quantforge.calibration.profile import CalibrationSettings, calibrate
+    from quantforge.calibration.pipeline import CalibrationSettings, calibrate
 
     settings = CalibrationSettings(tokens=args.tokens, ctx=args.ctx, holdout_tokens=args.holdout_tokens,
                                    candidates=parse_candidates(args.candidates), measure=args.measure,

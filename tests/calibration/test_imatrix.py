@@ -39,7 +39,8 @@ def smollm2_imatrix(smollm2_dir, calib_text):
     """Our imatrix of SmolLM2 over 3 chunks of 96 tokens, from the layer-wise pass."""
     import torch
     from quantforge.calibration.data import load_chunks
-    from quantforge.calibration.profile import collect_imatrix, tensor_refs
+    from quantforge.calibration.imatrix_pass import collect_imatrix
+    from quantforge.calibration.refs import tensor_refs
     from quantforge.calibration.runner import DecoderRunner, load_model
     from quantforge.exporters.gguf.arch import arch_for
     from transformers import AutoTokenizer

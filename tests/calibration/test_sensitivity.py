@@ -11,7 +11,7 @@ import pytest
 import torch
 from quantforge.calibration import candidates as cand
 from quantforge.calibration import sensitivity as sens
-from quantforge.calibration.profile import CalibrationSettings, calibrate
+from quantforge.calibration.pipeline import CalibrationSettings, calibrate
 
 
 def test_mean_kld():
