@@ -65,7 +65,7 @@ def piqa() -> list[dict[str, Any]]:
 
 
 def winogrande() -> list[dict[str, Any]]:
-    """WinoGrande v1.1 dev, which lm-eval's ``winogrande`` calls validation (``sentence``, ``option1/2``, ``answer``)."""
+    """WinoGrande v1.1 dev, lm-eval's ``winogrande`` validation (``sentence``, ``option1/2``, ``answer``)."""
     return _jsonl("winogrande/dev.jsonl")
 
 

@@ -5,7 +5,7 @@ Importing this module registers nothing. From lm-eval's own command line, use th
 
     python -m quantforge.evals.lm_eval_main run --model qf-gguf \
         --model_args path=model.q4_k_m.gguf,engine=torch --tasks qf_arc_easy \
-        --include_path $(python -c "import quantforge.evals.tasks_runner as t; print(t.TASKS_DIR)")
+        --include_path $(python -c "from quantforge.evals.lm_eval_runner import TASKS_DIR; print(TASKS_DIR)")
 
 Every backend shares :class:`QFLM`'s request handling (lm-eval's ``TemplateLM`` tokenization, the same rolling
 windows as ``HFLM``), so they differ only in how an engine computes logits. Log-probabilities are taken in
@@ -83,8 +83,8 @@ class QFLM(TemplateLM):
         step = max(self.engine.batch_size, 1)
         for b in range(0, len(order), step):
             idx = order[b:b + step]
-            rows = self.engine.logits([seqs[i] for i in idx], [starts[i] for i in idx])
-            for i, logits in zip(idx, rows):
+            rows = self.engine.logits([seqs[i] for i in idx], [starts[i] for i in idx], reuse=True)
+            for i, logits in zip(idx, rows, strict=True):
                 cont = torch.tensor(requests[i][2], dtype=torch.long)
                 logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
                 total = float(logp.gather(-1, cont[:, None]).sum())
@@ -144,6 +144,15 @@ def _engine_opts(batch_size: Any, max_length: Any, **rest: Any) -> dict[str, Any
     return opts
 
 
+def _flag(value: Any) -> bool:
+    """A boolean model argument (lm-eval passes ``key=false`` as a string or a bool)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise InputError(f"expected true or false for a boolean model argument; got {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
 class QFHF(QFLM):
     """``qf-hf``: a 16-bit HF checkpoint folder. Model args: ``path`` (or ``pretrained``), ``dtype``
     (float32 default, bfloat16, float16, auto), ``device``, ``batch_size``, ``max_length``, ``tokenizer``."""
@@ -177,20 +186,21 @@ class QFBnb4(QFLM):
 
 class QFGGUF(QFLM):
     """``qf-gguf``: a GGUF file. Model args: ``path``, ``engine`` (``llama.cpp`` default, or ``torch`` for our
-    exact dequantization run as an HF model), ``n_ctx`` and ``n_threads`` (llama.cpp), ``dtype``, ``batch_size``
-    and ``tokenizer`` (torch), ``device``."""
+    exact dequantization run as an HF model), ``n_ctx``, ``n_threads`` and ``flash_attn`` (llama.cpp; on by
+    default, as in llama.cpp's tools), ``dtype``, ``batch_size`` and ``tokenizer`` (torch), ``device``."""
 
     def __init__(self, path: str | None = None, pretrained: str | None = None, engine: str = "llama.cpp",
                  n_ctx: Any = 2048, n_threads: Any = None, dtype: str | None = None, device: str | None = None,
                  batch_size: Any = 1, max_length: Any = None, tokenizer: str | None = None, max_gen_toks: int = 256,
-                 **_: Any) -> None:
+                 flash_attn: Any = True, **_: Any) -> None:
         target = path or pretrained
         if not target:
             raise InputError("qf-gguf needs a path=... model argument")
         if not str(target).endswith(".gguf"):
             raise InputError(f"qf-gguf expects a .gguf file; got {target}")
         opts = _engine_opts(batch_size, max_length, dtype=dtype, device=device or "cpu", tokenizer=tokenizer,
-                            n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None)
+                            n_ctx=int(n_ctx), n_threads=int(n_threads) if n_threads else None,
+                            flash_attn=_flag(flash_attn))
         super().__init__(open_engine(target, engine=engine, **opts), max_gen_toks=max_gen_toks)
 
 
@@ -198,7 +208,7 @@ def register() -> None:
     """Add ``qf-hf``, ``qf-bnb4`` and ``qf-gguf`` to lm-eval's model registry (safe to call more than once)."""
     from lm_eval.api.registry import register_model
 
-    for name, cls in zip(BACKENDS, (QFHF, QFBnb4, QFGGUF)):
+    for name, cls in zip(BACKENDS, (QFHF, QFBnb4, QFGGUF), strict=True):
         register_model(name)(cls)
 
 

@@ -9,8 +9,10 @@ folder exists. Any other lm-eval task name runs as given.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +54,12 @@ def resolve_tasks(names: Sequence[str], source: str = "auto") -> list[tuple[str,
     return pairs
 
 
-def task_manager() -> Any:
-    """An lm-eval ``TaskManager`` that also indexes our local task YAMLs."""
+def task_manager(local_only: bool = False) -> Any:
+    """An lm-eval ``TaskManager`` that indexes our local task YAMLs, and lm-eval's own unless ``local_only``
+    (indexing lm-eval's ~15k task files takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR))
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=not local_only)
 
 
 def run_tasks(lm: Any, names: Sequence[str], limit: int | None = None, seed: int = 1234, source: str = "auto",
@@ -67,18 +70,31 @@ def run_tasks(lm: Any, names: Sequence[str], limit: int | None = None, seed: int
     pairs = resolve_tasks(names, source)
     if not pairs:
         return TaskResults()
-    manager = manager or task_manager()
+    manager = manager or task_manager(local_only=all(t.startswith(LOCAL_PREFIX) for _, t in pairs))
     known = set(manager.all_tasks)
     unknown = [t for _, t in pairs if t not in known]
     if unknown:
         raise InputError(f"unknown lm-eval task(s) {', '.join(unknown)}; local tasks are "
                          f"{', '.join(LOCAL_TASKS)} (or their {LOCAL_PREFIX} names)")
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=[t for _, t in pairs], limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        bootstrap_iters=1000, log_samples=False, verbosity="WARNING",
-    )
+    with _quiet_lm_eval():
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[t for _, t in pairs], limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            bootstrap_iters=1000, log_samples=False,
+        )
     return flatten(out, pairs)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval logs a warning per custom-dataset task; keep its logger at ERROR for the call, then restore it."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def flatten(out: dict[str, Any], pairs: Sequence[tuple[str, str]]) -> TaskResults:

@@ -193,7 +193,8 @@ class DistributionStats:
         if not self.kld:
             return out
         ppl_base, _ = perplexity(self.nll_base)
-        ln_ratio, ln_ratio_err = mean_and_error([a - b for a, b in zip(self.nll, self.nll_base)])
+        diffs = [a - b for a, b in zip(self.nll, self.nll_base, strict=True)]
+        ln_ratio, ln_ratio_err = mean_and_error(diffs)
         kld_mean, kld_err = mean_and_error(self.kld)
         ordered = sorted(self.kld)
         top1 = self.n_same_top / n

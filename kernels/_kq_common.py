@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UnsupportedFormat
 from ..formats import QuantFormat
+from . import _cpu_jit
 from ._blocks import as_blocks, as_byte_blocks
 from ._search import cdiv, qkx_search_t, qp_search_t, seqsum, sqrt_f32
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
@@ -60,6 +61,9 @@ def quantize_rows(
     On CPU with ``torch.get_num_threads() > 1`` the chunks run on that many worker threads, each with
     single-threaded ops: the searches are long chains of medium-sized ops whose Python dispatch would otherwise
     serialize (PyTorch releases the GIL inside each op). Call ``torch.set_num_threads(1)`` to keep it serial.
+
+    CPU tensors go to the compiled kernels of :mod:`._cpu_jit` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``;
+    ``encode`` is then the reference.
     """
     as_blocks(weight[:1], fmt.block_size)
     rows, n = weight.shape
@@ -70,6 +74,8 @@ def quantize_rows(
                 "pass the entry for this tensor (per-expert slices for 3-D tensors)"
             )
         imatrix = imatrix.to(device=weight.device, dtype=torch.float32)
+    if fmt.name in _cpu_jit.TYPES and _cpu_jit.enabled(weight):
+        return _cpu_jit.quantize(fmt.name, weight, imatrix)
     out = torch.empty((rows, fmt.nbytes((1, n))), dtype=torch.uint8, device=weight.device)
     on_cpu = weight.device.type == "cpu"
     threads = torch.get_num_threads() if on_cpu else 1

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedFormat
+from . import _cpu_jit
 from ._blocks import as_byte_blocks, bytes_to_f16
 from ._search import cdiv, f32, qkx_search_t, qx_search_t, seqsum
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
@@ -104,12 +105,15 @@ def quantize_rows(
     type_size: int,
     encode: Encoder,
     path: str = "search",
+    fast: str | None = None,
 ) -> torch.Tensor:
     """Validate ``weight`` ``(rows, n)`` and ``imatrix`` ``(n,)``, then fill ``(rows, n/bs*ts)`` bytes chunk by chunk.
 
     ``encode(x, qw, out)`` gets float32 rows ``x`` ``(chunk_rows, n)``, the float32 imatrix (or None) and the
     uint8 view ``out`` ``(chunk_rows * n / block_size, type_size)`` of those rows' blocks, which it fills.
-    ``path`` ("search" or "ref") picks the chunk size from :data:`CHUNK_ELEMS`.
+    ``path`` ("search" or "ref") picks the chunk size from :data:`CHUNK_ELEMS`. ``fast`` names the type for the
+    compiled CPU kernels of :mod:`._cpu_jit` (same bytes), used for CPU tensors unless
+    ``QUANTFORGE_CPU_KERNELS=torch``; ``encode`` is then the reference.
     """
     if weight.dim() != 2:
         raise UnsupportedFormat(f"expected a 2-D weight (rows, n_per_row), got shape {tuple(weight.shape)}")
@@ -126,6 +130,8 @@ def quantize_rows(
                 f"imatrix must be 1-D with one value per column ({n}), got shape {tuple(imatrix.shape)}"
             )
         qw = imatrix.to(device=weight.device, dtype=torch.float32).contiguous()
+    if fast is not None and _cpu_jit.enabled(weight):
+        return _cpu_jit.quantize(fast, weight, qw)
     out = torch.empty((rows, n // block_size * type_size), dtype=torch.uint8, device=weight.device)
     step = max(1, CHUNK_ELEMS.get((weight.device.type, path), CHUNK_ELEMS_OTHER) // n)
     # Whole multiples of 32 blocks per chunk where possible (``_search.seqsum`` pads other widths).
@@ -281,9 +287,11 @@ def quantize_legacy(
     weight: torch.Tensor, imatrix: torch.Tensor | None, spec: LegacySpec, type_size: int
 ) -> torch.Tensor:
     """The codec ``quantize`` of a legacy type: ref path without an imatrix, ``_impl`` path with one."""
+    fast = f"q{spec.bits}_{int(spec.has_min)}"
     if imatrix is None:
-        return quantize_rows(weight, None, 32, type_size, lambda x, _, out: encode_ref(x, spec, out), "ref")
-    return quantize_rows(weight, imatrix, 32, type_size, lambda x, qw, out: encode_imatrix(x, qw, spec, out))
+        return quantize_rows(weight, None, 32, type_size, lambda x, _, out: encode_ref(x, spec, out), "ref", fast)
+    return quantize_rows(weight, imatrix, 32, type_size, lambda x, qw, out: encode_imatrix(x, qw, spec, out),
+                         fast=fast)
 
 
 def dequantize_legacy(data: torch.Tensor, spec: LegacySpec, type_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -57,7 +57,7 @@ def _encode(x: torch.Tensor, qw: torch.Tensor | None, out: torch.Tensor) -> None
 
 def quantize(weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """``(rows, n)`` float -> ``(rows, n/256*136)`` uint8; ``imatrix`` ``(n,)`` weights the scale search."""
-    return quantize_rows(weight, imatrix, QK, FMT.type_size, _encode)
+    return quantize_rows(weight, imatrix, QK, FMT.type_size, _encode, fast="iq4_xs")
 
 
 def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

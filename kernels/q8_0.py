@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import get_format
+from . import _cpu_jit
 from ._blocks import as_blocks, as_byte_blocks, bytes_to_f16, f16_to_bytes, roundf, rows_out
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
@@ -17,7 +18,13 @@ QK = FMT.block_size
 
 
 def quantize(weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    """``(rows, n)`` float -> ``(rows, n/32*34)`` uint8, as ``quantize_row_q8_0_ref``."""
+    """``(rows, n)`` float -> ``(rows, n/32*34)`` uint8, as ``quantize_row_q8_0_ref``.
+
+    CPU tensors go to the compiled kernel of :mod:`._cpu_jit` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``.
+    """
+    if _cpu_jit.enabled(weight):
+        as_blocks(weight[:1], QK)
+        return _cpu_jit.quantize("q8_0", weight)
     x = as_blocks(weight, QK)
     d = x.abs().amax(dim=1, keepdim=True) / 127.0
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
