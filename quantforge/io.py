@@ -42,6 +42,7 @@ def atomic_file(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _default_mode(0o666))
         os.replace(tmp_path, dest)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -51,6 +52,14 @@ def atomic_file(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
         raise
 
 
+def _default_mode(base: int) -> int:
+    """``base`` less the process umask: the mode ``open()`` / ``mkdir()`` would give a new file or folder (the
+    temporary names come from ``mkstemp`` / ``mkdtemp``, which create them private, 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it replaces ``path`` only if the block succeeds."""
@@ -58,6 +67,7 @@ def atomic_dir(path: str | os.PathLike[str], force: bool = False) -> Iterator[Pa
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         yield tmp_path
+        os.chmod(tmp_path, _default_mode(0o777))
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)

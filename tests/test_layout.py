@@ -34,7 +34,9 @@ def test_subpackages_resolve_to_repo_folders():
 def test_top_level_kernels_is_not_ours():
     code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    assert out == "None" or str(ROOT) not in out
+    # the PyPI package of that name may be installed (bitsandbytes imports it), also in a venv inside the repo
+    assert out == "None" or not Path(out).resolve().is_relative_to((ROOT / "kernels").resolve())
+    assert out == "None" or "site-packages" in out or "dist-packages" in out
 
 
 def test_lean_import():
