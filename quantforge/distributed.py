@@ -369,22 +369,36 @@ def ordered_map(fn: Callable[[T, str], R], items: Sequence[T], devices: Sequence
 
     With several devices (or ``threaded``) one thread per device works through its share (:func:`partition`
     of ``costs``) and keeps at most ``depth`` results waiting, so memory stays bounded however far the consumer
-    lags. A failure in a thread is raised here, in order; closing the generator stops the threads.
+    lags. The threads start at once, before the first result is asked for, so the work overlaps whatever the
+    caller does first (a file header, say). A failure in a thread is raised here, in order; ``close()`` on the
+    returned iterator stops the threads (call it, e.g. through ``contextlib.closing``, if it may not be drained).
     """
     devices = list(devices) or ["cpu"]
     if threaded is None:
         threaded = len(devices) > 1
     if not threaded:
-        for it in items:
-            yield fn(it, devices[0])
-        return
-    owners = partition(costs if costs is not None else [1.0] * len(items), len(devices))
-    queues: list[queue.Queue[tuple[bool, Any]]] = [queue.Queue(maxsize=max(1, depth)) for _ in devices]
-    stop = threading.Event()
+        return (fn(it, devices[0]) for it in items)
+    return _ThreadedMap(fn, items, devices, costs, depth)
 
-    def put(q: queue.Queue[tuple[bool, Any]], value: tuple[bool, Any]) -> None:
+
+class _ThreadedMap(Iterator[R]):
+    """The threaded :func:`ordered_map`: one worker thread per device, results handed over in item order."""
+
+    def __init__(self, fn: Callable[[T, str], R], items: Sequence[T], devices: list[str],
+                 costs: Sequence[float] | None, depth: int) -> None:
+        self.fn, self.items, self.devices = fn, items, devices
+        self.owners = partition(costs if costs is not None else [1.0] * len(items), len(devices))
+        self.queues: list[queue.Queue[tuple[bool, Any]]] = [queue.Queue(maxsize=max(1, depth)) for _ in devices]
+        self.stop = threading.Event()
+        self.pos = 0
+        self.threads = [threading.Thread(target=self._work, args=(k,), name=f"quantforge-{d}", daemon=True)
+                        for k, d in enumerate(devices)]
+        for t in self.threads:
+            t.start()
+
+    def _put(self, q: queue.Queue[tuple[bool, Any]], value: tuple[bool, Any]) -> None:
         while True:
-            if stop.is_set():
+            if self.stop.is_set():
                 raise _Stop
             try:
                 q.put(value, timeout=0.1)
@@ -392,39 +406,46 @@ def ordered_map(fn: Callable[[T, str], R], items: Sequence[T], devices: Sequence
             except queue.Full:
                 continue
 
-    def work(k: int) -> None:
+    def _work(self, k: int) -> None:
         try:
-            if devices[k].startswith("cuda"):
+            if self.devices[k].startswith("cuda"):
                 import torch
 
-                torch.cuda.set_device(torch.device(devices[k]))
-            for it, o in zip(items, owners, strict=True):
+                torch.cuda.set_device(torch.device(self.devices[k]))
+            for it, o in zip(self.items, self.owners, strict=True):
                 if o == k:
-                    put(queues[k], (True, fn(it, devices[k])))
+                    self._put(self.queues[k], (True, self.fn(it, self.devices[k])))
         except _Stop:
             return
         except BaseException as exc:  # handed to the consumer, which raises it in order
             with contextlib.suppress(_Stop):
-                put(queues[k], (False, exc))
+                self._put(self.queues[k], (False, exc))
 
-    threads = [threading.Thread(target=work, args=(k,), name=f"quantforge-{d}", daemon=True)
-               for k, d in enumerate(devices)]
-    for t in threads:
-        t.start()
-    try:
-        for o in owners:
-            ok, value = queues[o].get()
-            if not ok:
-                raise value
-            yield value
-    finally:
-        stop.set()
-        for q in queues:
+    def __next__(self) -> R:
+        if self.pos >= len(self.owners) or self.stop.is_set():
+            self.close()
+            raise StopIteration
+        ok, value = self.queues[self.owners[self.pos]].get()
+        self.pos += 1
+        if not ok:
+            self.close()
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the workers (they finish the item in hand) and drop what they queued."""
+        self.stop.set()
+        for q in self.queues:
             with contextlib.suppress(queue.Empty):
                 while True:
                     q.get_nowait()
-        for t in threads:
-            t.join()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    def __del__(self) -> None:
+        if not self.stop.is_set():
+            self.stop.set()
 
 
 def ordered_stream(items: Sequence[T], encode: Callable[[T, str], Any], nbytes: Callable[[T], int],
@@ -444,9 +465,14 @@ def ordered_stream(items: Sequence[T], encode: Callable[[T, str], Any], nbytes: 
     """
     if not group.distributed:
         # always threaded: the next items encode (and copy to host) while the consumer writes this one
-        yield from ordered_map(lambda it, dev: encode(it, dev).cpu().numpy(), items, devices, costs, depth,
-                               threaded=True)
-        return
+        return ordered_map(lambda it, dev: encode(it, dev).cpu().numpy(), items, devices, costs, depth,
+                           threaded=True)
+    return _rank_stream(items, encode, nbytes, costs, group, devices, depth)
+
+
+def _rank_stream(items: Sequence[T], encode: Callable[[T, str], Any], nbytes: Callable[[T], int],
+                 costs: Sequence[float], group: Group, devices: Sequence[str], depth: int) -> Iterator[Any]:
+    """The distributed :func:`ordered_stream` of one rank."""
     owners = partition(costs, group.world)
     mine = [i for i, o in enumerate(owners) if o == group.rank]
     own_costs = [costs[i] for i in mine]

@@ -107,6 +107,25 @@ def test_ordered_map_keeps_order_and_raises_in_order():
     assert seen == [x * x for x in range(7)]
 
 
+def test_threaded_ordered_map_starts_before_the_first_next_and_close_stops_it():
+    import threading
+
+    started = threading.Event()
+    done = []
+
+    def work(x, dev):
+        started.set()
+        done.append(x)
+        return x
+
+    results = distributed.ordered_map(work, list(range(50)), ["cpu"], depth=1, threaded=True)
+    assert started.wait(5), "the worker did not start before the first result was asked for"
+    results.close()  # never iterated: the worker must stop, not block forever on its full queue
+    assert all(not t.is_alive() for t in results.threads)
+    assert len(done) < 50
+    assert list(results) == []
+
+
 def test_shares_files_follows_torchrun_nodes_unless_forced():
     group = distributed.Group(rank=1, world=4, local_rank=1, backend="gloo")
     assert distributed.shares_files(group, {"LOCAL_WORLD_SIZE": "4"})  # one node

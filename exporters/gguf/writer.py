@@ -285,7 +285,7 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         drain(stream)
         group.barrier()
         return Path(output)
-    with atomic_file(output, force=force) as tmp, contextlib.closing(stream):
+    with contextlib.closing(stream), atomic_file(output, force=force) as tmp:
         w = head(tmp)
         chunks = iter(stream)
         for e in progress(encoders, total=len(encoders), desc=f"gguf {mix.name}", unit="tensor"):

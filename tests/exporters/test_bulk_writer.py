@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gguf
 import pytest
-
 from quantforge.exporters.gguf.bulk_writer import BulkGGUFWriter
 
 ARRAYS = {
