@@ -4,9 +4,9 @@
     python benchmarks/cpu_quantize.py [--repeats 3] [--mixes q4_k_m,q3_k_m,q2_k,iq4_xs] [--record]
 
 * ours: ``export_gguf`` from the bf16 checkpoint (safetensors) in a fresh ``python`` process with
-  ``torch.set_num_threads(2)``; the CPU codecs run the numba kernels of ``kernels/_cpu_jit.py``. The first run of
-  each mix uses an empty numba cache (``NUMBA_CACHE_DIR`` in a temporary folder), so it includes the JIT compile
-  of the kernels that mix needs; the warm runs reuse that cache (what every run after the first on a machine sees).
+  ``torch.set_num_threads(2)``; the CPU codecs run the C kernels of ``kernels/_cquant.c`` (built at install time,
+  opened with ctypes by ``kernels/_cpu_fast.py``: nothing is compiled at run time). The first run of each mix is
+  reported apart from the warm runs (it may see cold file caches).
 * llama.cpp: ``llama_model_quantize`` (llama-cpp-python's libllama, ``nthread=2``) on our f16 GGUF of the same
   checkpoint, also in a fresh process.
 
@@ -93,6 +93,18 @@ def identical_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
     return same, len(tensors)
 
 
+def compiler_version() -> str:
+    """The first line of ``$CC --version`` for the compiler setuptools builds the C kernels with."""
+    import sysconfig
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return cc
+    return out.splitlines()[0] if out else cc
+
+
 def verdict(ratios: dict[str, float]) -> str:
     """The goal line: every mix's warm call ratio ours/llama.cpp at most 1.0."""
     missed = [f"{m} ({r:.2f})" for m, r in ratios.items() if r > 1.0]
@@ -125,13 +137,11 @@ def main() -> None:
         f16 = Path(tmp) / "smollm2-f16.gguf"
         export_gguf(model, f16, qtype="f16")
         for mix in args.mixes.split(","):
-            cache = tempfile.mkdtemp(dir=tmp, prefix=f"numba-{mix}-")
-            env = {"NUMBA_CACHE_DIR": cache}
             ours_out, llama_out = Path(tmp) / f"ours-{mix}.gguf", Path(tmp) / f"llama-{mix}.gguf"
-            cold = run(OURS, [model, str(ours_out), mix], env)
+            cold = run(OURS, [model, str(ours_out), mix], {})
             ours, llama = [], []
             for _ in range(args.repeats):
-                ours.append(run(OURS, [model, str(ours_out), mix], env))
+                ours.append(run(OURS, [model, str(ours_out), mix], {}))
                 llama.append(run(LLAMA, [str(f16), str(llama_out), str(MIXES[mix])], {}))
 
             def low(runs: list[dict[str, float]], key: str) -> float:
@@ -149,17 +159,17 @@ def main() -> None:
                          cold["wall"], low(ours, "wall"), low(llama, "wall"), low(ours, "wall") / low(llama, "wall")])
             ratios[mix] = ratio
             print(rows[-1], flush=True)  # noqa: T201
-    body = table(["mix", "ours first run s (JIT compile)", "ours warm s (min)", "of which in codecs s (min)",
+    body = table(["mix", "ours first run s", "ours warm s (min)", "of which in codecs s (min)",
                   "llama.cpp s (min)", "ratio ours/llama.cpp", "ours first process s", "ours warm process s (min)",
                   "llama.cpp process s (min)", "process ratio"], rows)
     date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     load = f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     body = (f"SmolLM2-135M-Instruct (plain), no imatrix; ours from the bf16 safetensors, llama.cpp from our f16 GGUF; "
             f"2 threads each; minimum of {args.repeats} alternating warm runs per side (ours, llama.cpp, ours, ...); "
-            f"`date`: {date}; {load} (shared machine); torch {torch.__version__}, numba "
-            f"{__import__('numba').__version__}.\n\n{body}\n\n"
+            f"`date`: {date}; {load} (shared machine); torch {torch.__version__}, C kernels of `kernels/_cquant.c` "
+            f"built with {compiler_version()}.\n\n{body}\n\n"
             "\"s\" columns time the call (`export_gguf` / `llama_model_quantize`); \"of which in codecs\" is the "
-            "part of our warm call spent in `QuantFormat.quantize` (the numba kernels plus their wrappers), the rest "
+            "part of our warm call spent in `QuantFormat.quantize` (the C kernels plus their wrappers), the rest "
             "is the exporter (reading, bf16 -> f32, finiteness check, Q/K permutation, metadata, writing); "
             "\"process\" columns time the whole fresh process (interpreter start and imports included).\n\n"
             + "\n".join(f"- {n}" for n in notes) + "\n\n" + verdict(ratios))

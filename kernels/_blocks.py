@@ -22,7 +22,8 @@ def as_blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
 def as_byte_blocks(data: torch.Tensor, type_size: int) -> torch.Tensor:
     """``(rows, nbytes)`` uint8 -> ``(n_blocks, type_size)`` uint8."""
     if data.dtype != torch.uint8 or data.shape[-1] % type_size:
-        raise UnsupportedFormat(f"expected uint8 rows of whole {type_size}-byte blocks, got {data.dtype} {tuple(data.shape)}")
+        raise UnsupportedFormat(
+            f"expected uint8 rows of whole {type_size}-byte blocks, got {data.dtype} {tuple(data.shape)}")
     return data.reshape(-1, type_size)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnsupportedFormat
 from ..formats import QuantFormat
-from . import _cpu_jit
+from . import _cpu_fast
 from ._blocks import as_blocks, as_byte_blocks
 from ._search import cdiv, qkx_search_t, qp_search_t, seqsum, sqrt_f32
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
@@ -62,7 +62,7 @@ def quantize_rows(
     single-threaded ops: the searches are long chains of medium-sized ops whose Python dispatch would otherwise
     serialize (PyTorch releases the GIL inside each op). Call ``torch.set_num_threads(1)`` to keep it serial.
 
-    CPU tensors go to the compiled kernels of :mod:`._cpu_jit` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``;
+    CPU tensors go to the C kernels of :mod:`._cpu_fast` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``;
     ``encode`` is then the reference.
     """
     as_blocks(weight[:1], fmt.block_size)
@@ -74,8 +74,8 @@ def quantize_rows(
                 "pass the entry for this tensor (per-expert slices for 3-D tensors)"
             )
         imatrix = imatrix.to(device=weight.device, dtype=torch.float32)
-    if fmt.name in _cpu_jit.TYPES and _cpu_jit.enabled(weight):
-        return _cpu_jit.quantize(fmt.name, weight, imatrix)
+    if fmt.name in _cpu_fast.TYPES and _cpu_fast.enabled(weight):
+        return _cpu_fast.quantize(fmt.name, weight, imatrix)
     out = torch.empty((rows, fmt.nbytes((1, n))), dtype=torch.uint8, device=weight.device)
     on_cpu = weight.device.type == "cpu"
     threads = torch.get_num_threads() if on_cpu else 1

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedFormat
-from . import _cpu_jit
+from . import _cpu_fast
 from ._blocks import as_byte_blocks, bytes_to_f16
 from ._search import cdiv, f32, qkx_search_t, qx_search_t, seqsum
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
@@ -112,7 +112,7 @@ def quantize_rows(
     ``encode(x, qw, out)`` gets float32 rows ``x`` ``(chunk_rows, n)``, the float32 imatrix (or None) and the
     uint8 view ``out`` ``(chunk_rows * n / block_size, type_size)`` of those rows' blocks, which it fills.
     ``path`` ("search" or "ref") picks the chunk size from :data:`CHUNK_ELEMS`. ``fast`` names the type for the
-    compiled CPU kernels of :mod:`._cpu_jit` (same bytes), used for CPU tensors unless
+    C CPU kernels of :mod:`._cpu_fast` (same bytes), used for CPU tensors unless
     ``QUANTFORGE_CPU_KERNELS=torch``; ``encode`` is then the reference.
     """
     if weight.dim() != 2:
@@ -130,8 +130,8 @@ def quantize_rows(
                 f"imatrix must be 1-D with one value per column ({n}), got shape {tuple(imatrix.shape)}"
             )
         qw = imatrix.to(device=weight.device, dtype=torch.float32).contiguous()
-    if fast is not None and _cpu_jit.enabled(weight):
-        return _cpu_jit.quantize(fast, weight, qw)
+    if fast is not None and _cpu_fast.enabled(weight):
+        return _cpu_fast.quantize(fast, weight, qw)
     out = torch.empty((rows, n // block_size * type_size), dtype=torch.uint8, device=weight.device)
     step = max(1, CHUNK_ELEMS.get((weight.device.type, path), CHUNK_ELEMS_OTHER) // n)
     # Whole multiples of 32 blocks per chunk where possible (``_search.seqsum`` pads other widths).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import get_format
-from . import _cpu_jit
+from . import _cpu_fast
 from ._blocks import as_blocks, as_byte_blocks, bytes_to_f16, f16_to_bytes, roundf, rows_out
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
@@ -20,11 +20,11 @@ QK = FMT.block_size
 def quantize(weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
     """``(rows, n)`` float -> ``(rows, n/32*34)`` uint8, as ``quantize_row_q8_0_ref``.
 
-    CPU tensors go to the compiled kernel of :mod:`._cpu_jit` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``.
+    CPU tensors go to the C kernel of :mod:`._cpu_fast` (same bytes) unless ``QUANTFORGE_CPU_KERNELS=torch``.
     """
-    if _cpu_jit.enabled(weight):
+    if _cpu_fast.enabled(weight):
         as_blocks(weight[:1], QK)
-        return _cpu_jit.quantize("q8_0", weight)
+        return _cpu_fast.quantize("q8_0", weight)
     x = as_blocks(weight, QK)
     d = x.abs().amax(dim=1, keepdim=True) / 127.0
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
@@ -64,14 +64,17 @@ if HAVE_TRITON:
         mask = blk < n_blocks
         y = dequant_q8_0_blocks(src, blk, mask, QKB)
         j = tl.arange(0, QKB)
-        tl.store(dst + blk[:, None] * QKB + j[None, :], y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask[:, None])
+        tl.store(dst + blk[:, None] * QKB + j[None, :], y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=mask[:, None])
 
 
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 64) -> torch.Tensor:
+def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      blocks_per_program: int = 64) -> torch.Tensor:
     """Triton dequantize, same result as :func:`dequantize`."""
     check_launchable(data.device.type)
     b = as_byte_blocks(data, FMT.type_size).contiguous()
     n_blocks = b.shape[0]
     out = torch.empty((n_blocks, QK), dtype=dtype, device=data.device)
-    dequant_q8_0_kernel[(triton.cdiv(n_blocks, blocks_per_program),)](b, out, n_blocks, BLOCKS=blocks_per_program, QKB=QK)
+    grid = (triton.cdiv(n_blocks, blocks_per_program),)
+    dequant_q8_0_kernel[grid](b, out, n_blocks, BLOCKS=blocks_per_program, QKB=QK)
     return out.reshape(data.shape[0], -1)

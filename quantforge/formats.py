@@ -76,8 +76,16 @@ class QuantFormat:
         return getattr(mod, attr) if attr else mod
 
     def quantize(self, weight: Any, imatrix: Any = None) -> Any:
-        """Encode a 2-D float tensor ``(rows, n_per_row)`` to packed bytes ``(rows, nbytes_per_row)``."""
+        """Encode a 2-D float tensor ``(rows, n_per_row)`` to packed bytes ``(rows, nbytes_per_row)``.
+
+        CPU tensors of the GGUF types go straight to the C kernels (the same bytes as the codec, which would call
+        them too) without importing the codec module, whose Triton kernels cost ~0.4 s of imports."""
         self.nbytes(tuple(weight.shape))
+        if self.family is Family.GGUF and getattr(getattr(weight, "device", None), "type", None) == "cpu":
+            from .kernels import _cpu_fast
+
+            if self.name in _cpu_fast.TYPES and _cpu_fast.enabled(weight):
+                return _cpu_fast.quantize(self.name, weight, imatrix if self.takes_imatrix else None)
         return self.load_codec().quantize(weight, imatrix)
 
     def dequantize(self, data: Any, dtype: Any = None) -> Any:

@@ -93,8 +93,17 @@ def _bpe_vocab(data: dict[str, Any], n_vocab: int) -> Vocab:
         else:
             tokens.append(f"[PAD{i}]")
             ttypes.append(UNUSED)
-    merges = [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m) for m in model["merges"]]
-    return Vocab("gpt2", bpe_pre_name(data), tokens, ttypes, merges=merges)
+    return Vocab("gpt2", bpe_pre_name(data), tokens, ttypes, merges=_merge_lines(model["merges"]))
+
+
+def _merge_lines(merges: list[Any]) -> list[str]:
+    """HF merges (``"a b"`` strings, or ``[a, b]`` pairs in newer files) as GGUF merge lines ``"a b"``; a space
+    inside a pair's part becomes ``\u0120`` (GPT-2's byte-level space), as llama.cpp's converter writes it."""
+    if all(isinstance(m, str) for m in merges):
+        return list(merges)
+    if all(isinstance(m, list) and len(m) == 2 and " " not in m[0] and " " not in m[1] for m in merges):
+        return [f"{a} {b}" for a, b in merges]  # the common case, without a per-part replace
+    return [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m) for m in merges]
 
 
 def _looks_control(text: str) -> bool:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from quantforge.formats import get_format
-from quantforge.testing import quantize_with_llama_cpp
 
 # type -> llama.cpp ftype whose "pure" mode gives that type to every tensor it fits
 PURE = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7, "q2_k": 10, "q3_k": 11, "q4_k": 14, "q5_k": 16,
