@@ -410,7 +410,8 @@ def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], A
         fd = os.open(tmp, os.O_WRONLY)
         try:
             with contextlib.closing(encoded):
-                for i, data in progress(zip(mine, encoded, strict=True), total=len(mine), desc=f"gguf {label}", unit="chunk"):
+                pairs = zip(mine, encoded, strict=True)
+                for i, data in progress(pairs, total=len(mine), desc=f"gguf {label}", unit="chunk"):
                     e, a, b = units[i]
                     if data.nbytes != e.range_nbytes(a, b):
                         raise InputError(f"{e.job.gguf_name}: encoded {data.nbytes} bytes for rows {a}:{b}, "
