@@ -112,7 +112,7 @@ def test_register_is_idempotent_and_names_our_classes():
 
 
 @pytest.mark.slow
-def test_gguf_engines_agree_on_q4_k_m_task_accuracy(smol_gguf, q4_llamacpp):
+def test_gguf_engines_agree_on_q4_k_m_task_accuracy(smol_gguf, q4_llamacpp, data_dir):
     """The torch engine (our exact dequantization) and llama.cpp (which also rounds activations to 8 bits
     in its q4_K/q6_K dot products) must land within one standard error on the same 40 ARC-Easy questions."""
     from quantforge.evals.engines import load_gguf_torch

@@ -33,7 +33,7 @@ def _main(argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, smollm2_dir, smol_gguf, smol_bnb4):
+def full_run(tmp_path_factory, smollm2_dir, smol_gguf, smol_bnb4, data_dir):
     """One ``quantforge eval`` of a q8_0 GGUF and an nf4 folder with a task (shared by the tests below)."""
     out = tmp_path_factory.mktemp("eval") / "results.json"
     argv = ["eval", str(smol_gguf("q8_0")), str(smol_bnb4), "--reference", str(smollm2_dir), *FAST,
@@ -95,7 +95,7 @@ def test_eval_with_baseline_exits_1_on_planted_regression(full_run, tmp_path, sm
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_sees_our_backends(tmp_path, smol_gguf):
+def test_lm_eval_cli_sees_our_backends(tmp_path, smol_gguf, data_dir):
     cmd = [sys.executable, "-P", "-m", "quantforge.evals.lm_eval_main", "run", "--model", "qf-gguf",
            "--model_args", f"path={smol_gguf('q8_0')},engine=llama.cpp,n_threads=1", "--tasks", "qf_winogrande",
            "--limit", "2", "--include_path", str(TASKS_DIR), "--output_path", str(tmp_path / "out")]
