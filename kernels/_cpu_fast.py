@@ -242,3 +242,46 @@ def f16_values(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(h.shape, dtype=torch.float32)
     library().qf_f16_values(h.data_ptr(), out.data_ptr(), h.numel())
     return out
+
+
+IQ_KINDS = {"iq2_xxs": 0, "iq2_xs": 1, "iq3_xxs": 2, "iq1_s": 3, "iq1_m": 4, "iq3_s": 5, "iq2_s": 6}
+"""The lattice i-quants the C kernels encode (``qf_quantize_iq_rows``), by kind id. Their lattice tables are built
+in Python (:func:`quantforge.kernels._iq_grids.search_tables`) and handed to C."""
+
+
+@functools.cache
+def _iq_entry():
+    """``qf_quantize_iq_rows`` typed, or None when the library is absent or was built before it existed."""
+    lib = library()
+    fn = None if lib is None else getattr(lib, "qf_quantize_iq_rows", None)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = (ctypes.c_int, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I64)
+    return fn
+
+
+def iq_enabled(weight: torch.Tensor) -> bool:
+    """Whether :func:`encode_iq` runs for ``weight`` (:func:`enabled`, and the library has the i-quant entry)."""
+    return enabled(weight) and _iq_entry() is not None
+
+
+def encode_iq(name: str, tables, x: torch.Tensor, qw: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Encode float32 rows ``x`` ``(rows, n)`` as i-quant ``name`` into the contiguous uint8 ``out`` (the rows'
+    super-blocks), the same bytes as the reference codec; rows are shared over the worker threads."""
+    fn = _iq_entry()
+    x = _as_f32(x)
+    rows, n = x.shape
+    qw_ptr = None if qw is None else qw.data_ptr()
+    args = (tables.coords.data_ptr(), tables.map.data_ptr(), tables.neighbours.data_ptr(), tables.row.data_ptr(),
+            tables.neighbours.shape[1])
+
+    def run(r0: int, r1: int) -> int:
+        return fn(IQ_KINDS[name], x.data_ptr(), n, qw_ptr, out.data_ptr(), r0, r1, *args)
+
+    workers = 1 if rows * n < _SEARCH_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
+    step = -(-rows // workers)
+    parts = [(r, min(rows, r + step)) for r in range(0, rows, step)]
+    futures = [_pool(len(parts) - 1).submit(run, a, b) for a, b in parts[1:]] if len(parts) > 1 else []
+    bad = [run(*parts[0])] + [f.result() for f in futures]
+    if any(bad):
+        raise RuntimeError(f"qf_quantize_iq_rows rejected {name} (kind {IQ_KINDS[name]})")

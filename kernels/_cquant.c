@@ -15,7 +15,8 @@
  *     reference's casts do there, without C's undefined behaviour; left shifts of codes are done unsigned.
  *
  * Entry points (called through ctypes, which releases the GIL): qf_quantize_rows, qf_widen_f32, qf_f16_bits,
- * qf_f16_values, qf_abi_version. PyInit__cquant only makes the file a valid (method-less) extension module.
+ * qf_f16_values, qf_abi_version; qf_quantize_iq_rows (the lattice i-quants, looked up on its own by _cpu_fast so
+ * that an older build without it still serves the other types). PyInit__cquant only makes the file a valid (method-less) extension module.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1397,6 +1398,786 @@ void qf_f16_values(const uint16_t *h, float *out, i64 count)
 {
     for (i64 i = 0; i < count; i++)
         out[i] = f16_value(h[i]);
+}
+
+/* ------------------------------------------------------ lattice i-quants (IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS/S)
+ * The searches of kernels/_iq_common.py and the codecs iq*.py as scalar loops, one
+ * block at a time: each group's float32 sums run left to right in the reference's operation order. The lattice
+ * tables come from Python (kernels/_iq_grids.py SearchTables): coords (2*level+1 per point), map (point per key or
+ * -1), row (neighbour row per key) and neighbours (width point indices per row, -1 padded). */
+
+typedef struct {
+    const float *coords;
+    const i64 *map, *neighbours, *row;
+    i64 width;
+    int dim, bits;
+} IqTables;
+
+enum { IQ_XXS2, IQ_XS2, IQ_XXS3, IQ1S, IQ1M, IQ3S, IQ2S, N_IQ };
+
+/* Round one group to levels nearest(0.5 * (inv * x - 1)) in 0..kmax-1; a key off the lattice moves to its neighbour
+ * of least sum waux * (scale * q - x)^2 (first on ties). Writes the point's coordinates to q; returns 1 when the
+ * rounded key was already a point. */
+static int iq_snap(const IqTables *t, const float *xv, const float *wa, float inv, float scale, int kmax, float *q,
+                   i64 *index)
+{
+    i64 key = 0;
+    for (int i = 0; i < t->dim; i++) {
+        float l = clampf(nearest(0.5f * (inv * xv[i] - 1.0f)), 0.0f, (float)(kmax - 1));
+        key |= (i64)l << (t->bits * i);
+    }
+    i64 gi = t->map[key];
+    int on = gi >= 0;
+    if (!on) {
+        const i64 *nb = t->neighbours + t->row[key] * t->width;
+        float best = INFINITY;
+        gi = nb[0];
+        for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
+            const float *pg = t->coords + nb[j] * t->dim;
+            float d2 = 0.0f;
+            for (int i = 0; i < t->dim; i++) {
+                float diff = scale * pg[i] - xv[i];
+                d2 += wa[i] * diff * diff;
+            }
+            if (d2 < best) {
+                best = d2;
+                gi = nb[j];
+            }
+        }
+    }
+    for (int i = 0; i < t->dim; i++)
+        q[i] = t->coords[gi * t->dim + i];
+    *index = gi;
+    return on;
+}
+
+static void iq_lsq(int n, const float *w, const float *xv, const float *q, float *sumqx, float *sumq2)
+{
+    float a = 0.0f, b = 0.0f;
+    for (int i = 0; i < n; i++) {
+        a += w[i] * xv[i] * q[i];
+        b += w[i] * q[i] * q[i];
+    }
+    *sumqx = a;
+    *sumq2 = b;
+}
+
+/* |x| per weight and the 7 stored sign bits per group of 8 (an odd count of minus signs flips back the weight of
+ * least w * x * x, the first on ties). */
+static void iq_fold(int n, const float *x, const float *w, float *xv, i64 *signs)
+{
+    for (int k = 0; k < n / 8; k++) {
+        int nflip = 0;
+        i64 s = 0;
+        for (int i = 0; i < 8; i++) {
+            float v = x[8 * k + i];
+            if (v >= 0) {
+                xv[8 * k + i] = v;
+            } else {
+                xv[8 * k + i] = -v;
+                nflip++;
+                s |= (i64)1 << i;
+            }
+        }
+        if (nflip % 2) {
+            int imin = 0;
+            float mn = w[8 * k] * x[8 * k] * x[8 * k];
+            for (int i = 1; i < 8; i++) {
+                float a = w[8 * k + i] * x[8 * k + i] * x[8 * k + i];
+                if (a < mn) {
+                    mn = a;
+                    imin = i;
+                }
+            }
+            xv[8 * k + imin] = -xv[8 * k + imin];
+            s ^= (i64)1 << imin;
+        }
+        signs[k] = s & 127;
+    }
+}
+
+/* make_qp_quants(n, nmax, x, (uint8_t *) L, w): the scale, with the codes stored as uint8 (kernels/_iq_common.py
+ * qp_scale). */
+static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
+{
+    float mx = 0.0f;
+    for (int i = 0; i < n; i++)
+        mx = x[i] > mx ? x[i] : mx;
+    if (mx < EPS)
+        return 0.0f;
+    uint8_t L[32];
+    float iscale = (float)nmax / mx;
+    for (int i = 0; i < n; i++)
+        L[i] = (uint8_t)(int32_t)nearest(iscale * x[i]);
+    float scale = 1.0f / iscale, best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float diff = x[i] - scale * (float)L[i];
+        best += w[i] * diff * diff;
+    }
+    for (int is = -4; is <= 4; is++) {
+        if (is == 0)
+            continue;
+        float isc = ((float)is * TENTH + (float)nmax) / mx, sc = 1.0f / isc, mse = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = fminf((float)nmax, nearest(isc * x[i]));
+            float diff = x[i] - sc * l;
+            mse += w[i] * diff * diff;
+        }
+        if (mse < best) {
+            best = mse;
+            iscale = isc;
+        }
+    }
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float l = fminf((float)nmax, nearest(iscale * x[i]));
+        L[i] = (uint8_t)(int32_t)l;
+        sumlx += w[i] * x[i] * l;
+        suml2 += w[i] * l * l;
+    }
+    for (int pass = 0; pass < 5; pass++) {
+        int changed = 0;
+        for (int i = 0; i < n; i++) {
+            float li = (float)L[i];
+            float slx = sumlx - w[i] * x[i] * li, sl2 = suml2 - w[i] * li * li;
+            if (slx > 0 && sl2 > 0) {
+                float nl = fminf((float)nmax, nearest(x[i] * sl2 / slx));
+                if (nl != li) {
+                    slx += w[i] * x[i] * nl;
+                    sl2 += w[i] * nl * nl;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (uint8_t)(int32_t)nl;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed++;
+                    }
+                }
+            }
+        }
+        if (!changed)
+            break;
+    }
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+/* kernels/_iq_common.py trial_search on one block of n weights (IQ2_XS, IQ3_XXS); q gets the coordinates. */
+static float iq_trial_search(const IqTables *t, int n, const float *xv, const float *w, const float *wa, float mx,
+                             int top, float step, int ntr, int kmax, int resnap_all, float *q)
+{
+    const int ng = n / t->dim;
+    float qa[32], best = 0.0f, scale = mx / (float)top, sumqx, sumq2;
+    int on[8], oa[8];
+    i64 gi;
+    for (int i = 0; i < n; i++)
+        q[i] = 1.0f;
+    for (int k = 0; k < ng; k++)
+        on[k] = !resnap_all;
+    for (int is = -ntr; is <= ntr; is++) {
+        float inv = ((float)is * step + (float)top) / mx, this_scale = 1.0f / inv;
+        for (int k = 0; k < ng; k++)
+            oa[k] = iq_snap(t, xv + k * t->dim, wa + k * t->dim, inv, this_scale, kmax, qa + k * t->dim, &gi);
+        iq_lsq(n, w, xv, qa, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(q, qa, sizeof(float) * n);
+            memcpy(on, oa, sizeof on);
+        }
+    }
+    int off = 0;
+    for (int k = 0; k < ng; k++)
+        off += !on[k];
+    if (off > 0 && scale > 0) {
+        float inv = 1.0f / scale;
+        for (int k = 0; k < ng; k++)
+            if (!on[k] || resnap_all)
+                iq_snap(t, xv + k * t->dim, wa + k * t->dim, inv, scale, kmax, q + k * t->dim, &gi);
+        iq_lsq(n, w, xv, q, &sumqx, &sumq2);
+        if (sumq2 > 0)
+            scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+/* The IQ2_XXS search of one 32-weight block (kernels/iq2_xxs.py _encode); returns the scale, q the coordinates,
+ * or 0 with *live = 0 for a block ggml skips. */
+static float iq2_xxs_search(const IqTables *t, const float *xv, const float *w, const float *wa, float *q, int *live)
+{
+    float mx = xv[0], sumqx, sumq2, qa[32];
+    i64 gi;
+    for (int i = 1; i < 32; i++)
+        mx = xv[i] > mx ? xv[i] : mx;
+    *live = 0;
+    if (mx < EPS)
+        return 0.0f;
+    float scale = iq_qp_scale(32, 4, xv, w), eff_max = scale * 3.0f;
+    if (eff_max <= 0)
+        return 0.0f;
+    *live = 1;
+    float best = 0.0f;
+    for (int i = 0; i < 32; i++)
+        q[i] = 0.0f;
+    for (int is = -6; is <= 6; is++) {
+        float inv = (5.0f + (float)is * TENTH) / eff_max, this_scale = 1.0f / inv;
+        for (int k = 0; k < 4; k++)
+            iq_snap(t, xv + 8 * k, wa + 8 * k, inv, this_scale, 3, qa + 8 * k, &gi);
+        iq_lsq(32, w, xv, qa, &sumqx, &sumq2);
+        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            memcpy(q, qa, sizeof qa);
+        }
+    }
+    if (scale > 0) {
+        float inv = 1.0f / scale;
+        for (int k = 0; k < 4; k++)
+            iq_snap(t, xv + 8 * k, wa + 8 * k, inv, scale, 3, q + 8 * k, &gi);
+        iq_lsq(32, w, xv, q, &sumqx, &sumq2);
+        if (sumq2 > 0)
+            scale = sumqx / sumq2;
+    }
+    return scale;
+}
+
+static i64 iq_point(const IqTables *t, const float *q)
+{
+    i64 key = 0;
+    for (int i = 0; i < t->dim; i++)
+        key |= (i64)((q[i] - 1.0f) * 0.5f) << (t->bits * i);
+    return t->map[key];
+}
+
+static void put_le(uint8_t *out, u64 v, int nbytes)
+{
+    for (int i = 0; i < nbytes; i++)
+        out[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* One super-block of 256 weights of kind (IQ_XXS2, IQ_XS2, IQ_XXS3) into y. */
+static void iq_superblock(int kind, const IqTables *t, const float *x, const float *qw, uint8_t *y)
+{
+    const int bs = kind == IQ_XS2 ? 16 : 32, nb = 256 / bs;
+    float sumx2 = 0.0f, w[256], wa[256], xv[256], q[256], scales[16], max_scale = 0.0f;
+    i64 signs[32], idx[64];
+    int live[16];
+    for (int i = 0; i < 256; i++)
+        sumx2 += x[i] * x[i];
+    float sigma2 = (kind == IQ_XXS3 ? 2.0f * sumx2 : sumx2) / 256.0f;
+    for (int i = 0; i < 256; i++) {
+        w[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+        wa[i] = sqrtf(w[i]);
+    }
+    for (int ib = 0; ib < nb; ib++) {
+        const int o = ib * bs, ng = bs / t->dim;
+        float s;
+        iq_fold(bs, x + o, w + o, xv + o, signs + ib * (bs / 8));
+        if (kind == IQ_XXS2) {
+            s = iq2_xxs_search(t, xv + o, w + o, wa + o, q + o, &live[ib]);
+        } else {
+            float mx = xv[o];
+            for (int i = 1; i < bs; i++)
+                mx = xv[o + i] > mx ? xv[o + i] : mx;
+            live[ib] = !(mx < (kind == IQ_XXS3 ? 1e-8f : EPS));
+            s = live[ib] ? iq_trial_search(t, bs, xv + o, w + o, wa + o, mx, kind == IQ_XXS3 ? 15 : 5,
+                                           kind == IQ_XXS3 ? 0.2f : TENTH, kind == IQ_XXS3 ? 15 : 9,
+                                           kind == IQ_XXS3 ? 8 : 3, 0, q + o)
+                         : 0.0f;
+        }
+        if (!live[ib]) {
+            scales[ib] = 0.0f;
+            continue;
+        }
+        if (s < 0) {
+            s = -s;
+            for (int k = 0; k < bs / 8; k++)
+                signs[ib * (bs / 8) + k] = (~signs[ib * (bs / 8) + k]) & 127;
+        }
+        for (int k = 0; k < ng; k++)
+            idx[ib * ng + k] = iq_point(t, q + o + k * t->dim);
+        scales[ib] = s;
+        max_scale = s > max_scale ? s : max_scale;
+    }
+    const i64 ts = kind == IQ_XXS2 ? 66 : kind == IQ_XS2 ? 74 : 98;
+    memset(y, 0, (size_t)ts);
+    if (!(max_scale > 0))
+        return;
+    float d = max_scale / 31.0f, inv = 1.0f / d;
+    put_f16(y, 0, kind == IQ_XXS3 ? d * 1.0125f : d);
+    for (int ib = 0; ib < nb; ib++) {
+        u64 l = (u64)clampf(nearest(0.5f * (inv * scales[ib] - 1.0f)), 0.0f, 15.0f);
+        if (kind == IQ_XS2) {
+            y[66 + ib / 2] |= (uint8_t)(l << (4 * (ib % 2)));
+            for (int k = 0; k < 2 && live[ib]; k++)
+                put_le(y + 2 + 4 * ib + 2 * k, (u64)idx[2 * ib + k] | ((u64)signs[2 * ib + k] << 9), 2);
+            continue;
+        }
+        u64 word = l << 28;
+        for (int k = 0; k < 4 && live[ib]; k++)
+            word |= (u64)signs[4 * ib + k] << (7 * k);
+        if (kind == IQ_XXS2) {
+            u64 grid = 0;
+            for (int k = 0; k < 4 && live[ib]; k++)
+                grid |= (u64)idx[4 * ib + k] << (8 * k);
+            put_le(y + 2 + 8 * ib, grid, 4);
+            put_le(y + 6 + 8 * ib, word, 4);
+        } else {
+            for (int k = 0; k < 8 && live[ib]; k++)
+                y[2 + 8 * ib + k] = (uint8_t)idx[8 * ib + k];
+            put_le(y + 66 + 4 * ib, word, 4);
+        }
+    }
+}
+
+/* IQ1_S (kernels/iq1_s.py): one super-block of 256 weights into the 50 bytes at y. */
+static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+{
+    static const float XP[3] = {-0.875f, 0.125f, 1.125f}, XM[3] = {-1.125f, -0.125f, 0.875f};
+    float sumx2 = 0.0f, scales[8], max_scale = 0.0f;
+    int shifts[8];
+    u64 qh[8] = {0};
+    memset(y, 0, 50);
+    for (int i = 0; i < 256; i++)
+        sumx2 += x[i] * x[i];
+    float sigma2 = 2.0f * sumx2 / 256.0f;
+    for (int ib = 0; ib < 8; ib++) {
+        const float *xb = x + 32 * ib;
+        float w[32], sx[33], sw[33];
+        int ord[32], L[32];
+        float mx = fabsf(xb[0]);
+        for (int i = 0; i < 32; i++)
+            w[i] = qw[32 * ib + i] * sqrtf(sigma2 + xb[i] * xb[i]);
+        for (int i = 1; i < 32; i++)
+            mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx;
+        scales[ib] = 0.0f;
+        shifts[ib] = 1;
+        if (mx < 1e-12f)
+            continue;
+        for (int j = 0; j < 32; j++) { /* stable insertion sort by value */
+            int v = j, k = j;
+            while (k > 0 && xb[ord[k - 1]] > xb[v]) {
+                ord[k] = ord[k - 1];
+                k--;
+            }
+            ord[k] = v;
+        }
+        sx[0] = sw[0] = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            sx[j + 1] = sx[j] + w[ord[j]] * xb[ord[j]];
+            sw[j + 1] = sw[j] + w[ord[j]];
+        }
+        float best = -FLT_MAX, scale = mx;
+        int b1 = -1, b2 = -1, bs = 0;
+        for (int i1 = 0; i1 <= 32; i1++) {
+            for (int i2 = i1; i2 <= 32; i2++) {
+                for (int s = 0; s < 2; s++) {
+                    const float *p = s == 0 ? XP : XM;
+                    float sqx = (sx[i1] - sx[0]) * p[0] + (sx[i2] - sx[i1]) * p[1] + (sx[32] - sx[i2]) * p[2];
+                    float sq2 = (sw[i1] - sw[0]) * p[0] * p[0] + (sw[i2] - sw[i1]) * p[1] * p[1] +
+                                (sw[32] - sw[i2]) * p[2] * p[2];
+                    if (sq2 > 0 && sqx * sqx > best * sq2) {
+                        scale = sqx / sq2;
+                        best = scale * sqx;
+                        b1 = i1;
+                        b2 = i2;
+                        bs = s == 0 ? 1 : -1;
+                    }
+                }
+            }
+        }
+        if (b1 < 0)
+            continue;
+        for (int j = 0; j < 32; j++)
+            L[ord[j]] = j < b1 ? 0 : j < b2 ? 1 : 2;
+        if (scale < 0) {
+            for (int j = 0; j < 32; j++)
+                L[j] = 2 - L[j];
+            scale = -scale;
+            bs = -bs;
+        }
+        const float *xx = bs == 1 ? XP : XM;
+        i64 index[4];
+        int all_on = 1;
+        for (int k = 0; k < 4; k++) {
+            i64 key = 0;
+            for (int j = 0; j < 8; j++)
+                key |= (i64)L[8 * k + j] << (2 * j);
+            i64 gi = t->map[key];
+            if (gi < 0) {
+                all_on = 0;
+                const i64 *nb = t->neighbours + t->row[key] * t->width;
+                float bd = INFINITY;
+                gi = nb[0];
+                for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
+                    const float *pg = t->coords + nb[j] * 8;
+                    float d2 = 0.0f;
+                    for (int i = 0; i < 8; i++) {
+                        float diff = scale * xx[(int)((pg[i] - 1.0f) * 0.5f)] - xb[8 * k + i];
+                        d2 += w[8 * k + i] * diff * diff;
+                    }
+                    if (d2 < bd) {
+                        bd = d2;
+                        gi = nb[j];
+                    }
+                }
+            }
+            index[k] = gi;
+        }
+        if (!all_on) {
+            float sumqx = 0.0f, sumq2 = 0.0f;
+            for (int k = 0; k < 4; k++) {
+                for (int j = 0; j < 8; j++) {
+                    float q = xx[(int)((t->coords[index[k] * 8 + j] - 1.0f) * 0.5f)];
+                    sumqx += w[8 * k + j] * q * xb[8 * k + j];
+                    sumq2 += w[8 * k + j] * q * q;
+                }
+            }
+            if (sumqx > 0 && sumq2 > 0)
+                scale = sumqx / sumq2;
+        }
+        for (int k = 0; k < 4; k++) {
+            y[2 + 4 * ib + k] = (uint8_t)(index[k] & 255);
+            qh[ib] |= (u64)(index[k] >> 8) << (3 * k);
+        }
+        scales[ib] = scale;
+        shifts[ib] = bs;
+        max_scale = scale > max_scale ? scale : max_scale;
+    }
+    if (max_scale > 0) {
+        float d = max_scale / 15.0f, inv = 1.0f / d;
+        put_f16(y, 0, d * 1.125f);
+        for (int ib = 0; ib < 8; ib++) {
+            u64 l = (u64)clampf(nearest(0.5f * (inv * scales[ib] - 1.0f)), 0.0f, 7.0f);
+            qh[ib] |= (l | (shifts[ib] == -1 ? 8u : 0u)) << 12;
+        }
+    }
+    for (int ib = 0; ib < 8; ib++)
+        put_le(y + 34 + 2 * ib, qh[ib], 2);
+}
+
+/* Move a group of 8 (levels L) onto the IQ1 lattice: its point, or the neighbour of least weighted error with
+ * level values xx (ggml iq1_find_best_neighbour2). Sets *on to 0 when the group was off the lattice. */
+static i64 iq1_point(const IqTables *t, const int *L, const float *xb, const float *w, float scale, const float *xx,
+                     int *on)
+{
+    i64 key = 0;
+    for (int j = 0; j < 8; j++)
+        key |= (i64)L[j] << (2 * j);
+    i64 gi = t->map[key];
+    if (gi >= 0)
+        return gi;
+    *on = 0;
+    const i64 *nb = t->neighbours + t->row[key] * t->width;
+    float bd = INFINITY;
+    gi = nb[0];
+    for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
+        const float *pg = t->coords + nb[j] * 8;
+        float d2 = 0.0f;
+        for (int i = 0; i < 8; i++) {
+            float diff = scale * xx[(int)((pg[i] - 1.0f) * 0.5f)] - xb[i];
+            d2 += w[i] * diff * diff;
+        }
+        if (d2 < bd) {
+            bd = d2;
+            gi = nb[j];
+        }
+    }
+    return gi;
+}
+
+static inline int iq1_level(const IqTables *t, i64 gi, int j) { return (int)((t->coords[gi * 8 + j] - 1.0f) * 0.5f); }
+
+/* IQ1_M (kernels/iq1_m.py): one super-block of 256 weights into the 56 bytes at y; qw may be NULL. */
+static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+{
+    static const float XP[3] = {-0.875f, 0.125f, 1.125f}, XM[3] = {-1.125f, -0.125f, 0.875f};
+    static const uint8_t MASK[4] = {0x00, 0x80, 0x08, 0x88};
+    float sumx2 = 0.0f, scales[16], max_scale = 0.0f, w[256];
+    int shifts[16];
+    i64 index[32] = {0};
+    memset(y, 0, 56);
+    for (int i = 0; i < 256; i++)
+        sumx2 += x[i] * x[i];
+    float sigma2 = 2.0f * sumx2 / 256.0f;
+    for (int i = 0; i < 256; i++)
+        w[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+    const float p2 = XP[2], m2 = XM[2];
+    const float cp1 = XP[0] * XP[0] - XP[1] * XP[1], cp2 = XP[1] * XP[1] - XP[2] * XP[2];
+    const float cm1 = XM[0] * XM[0] - XM[1] * XM[1], cm2 = XM[1] * XM[1] - XM[2] * XM[2];
+    for (int ib = 0; ib < 16; ib++) {
+        const float *xb = x + 16 * ib, *wb = w + 16 * ib;
+        float px[2][17], pw[2][17];
+        int ord[16], L[16];
+        float mx = fabsf(xb[0]);
+        for (int i = 1; i < 16; i++)
+            mx = fabsf(xb[i]) > mx ? fabsf(xb[i]) : mx;
+        scales[ib] = 0.0f;
+        shifts[ib] = 0;
+        if (mx < 1e-7f)
+            continue;
+        for (int j = 0; j < 16; j++) {
+            int v = j, k = j;
+            while (k > 0 && xb[ord[k - 1]] > xb[v]) {
+                ord[k] = ord[k - 1];
+                k--;
+            }
+            ord[k] = v;
+        }
+        px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0.0f;
+        for (int j = 0; j < 16; j++) {
+            const int i = ord[j], h = i < 8 ? 0 : 1;
+            px[h][j + 1] = px[h][j] + wb[i] * xb[i];
+            px[1 - h][j + 1] = px[1 - h][j];
+            pw[h][j + 1] = pw[h][j] + wb[i];
+            pw[1 - h][j + 1] = pw[1 - h][j];
+        }
+        float best = -FLT_MAX, scale = mx;
+        int b1 = -1, b2 = -1, bk = -1;
+        for (int i1 = 0; i1 <= 16; i1++) {
+            for (int i2 = i1; i2 <= 16; i2++) {
+                float qxp[2], qxm[2], q2p[2], q2m[2], sqx[4], sq2[4];
+                for (int h = 0; h < 2; h++) {
+                    float sx = px[h][i1] + px[h][i2];
+                    qxp[h] = px[h][16] * p2 - sx;
+                    qxm[h] = px[h][16] * m2 - sx;
+                    q2p[h] = pw[h][16] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                    q2m[h] = pw[h][16] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+                }
+                sqx[0] = qxp[0] + qxp[1];
+                sqx[1] = qxp[0] + qxm[1];
+                sqx[2] = qxm[0] + qxp[1];
+                sqx[3] = qxm[0] + qxm[1];
+                sq2[0] = q2p[0] + q2p[1];
+                sq2[1] = q2p[0] + q2m[1];
+                sq2[2] = q2m[0] + q2p[1];
+                sq2[3] = q2m[0] + q2m[1];
+                for (int k = 0; k < 4; k++) {
+                    if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
+                        scale = sqx[k] / sq2[k];
+                        best = scale * sqx[k];
+                        b1 = i1;
+                        b2 = i2;
+                        bk = k;
+                    }
+                }
+            }
+        }
+        if (b1 < 0)
+            continue;
+        for (int j = 0; j < 16; j++)
+            L[ord[j]] = j < b1 ? 0 : j < b2 ? 1 : 2;
+        if (scale < 0) {
+            for (int j = 0; j < 16; j++)
+                L[j] = 2 - L[j];
+            scale = -scale;
+            bk = 3 - bk;
+        }
+        const float *xx[2] = {bk < 2 ? XP : XM, bk % 2 == 0 ? XP : XM};
+        int on = 1;
+        for (int k = 0; k < 2; k++)
+            index[2 * ib + k] = iq1_point(t, L + 8 * k, xb + 8 * k, wb + 8 * k, scale, xx[k], &on);
+        if (!on) {
+            float sumqx = 0.0f, sumq2 = 0.0f;
+            for (int k = 0; k < 2; k++) {
+                for (int j = 0; j < 8; j++) {
+                    float q = xx[k][iq1_level(t, index[2 * ib + k], j)];
+                    sumqx += wb[8 * k + j] * q * xb[8 * k + j];
+                    sumq2 += wb[8 * k + j] * q * q;
+                }
+            }
+            if (sumqx > 0 && sumq2 > 0)
+                scale = sumqx / sumq2;
+        }
+        scales[ib] = scale;
+        shifts[ib] = bk;
+        max_scale = scale > max_scale ? scale : max_scale;
+    }
+    u64 qh[16], sc[4] = {0};
+    for (int ib = 0; ib < 16; ib++) {
+        y[2 * ib] = (uint8_t)(index[2 * ib] & 255);
+        y[2 * ib + 1] = (uint8_t)(index[2 * ib + 1] & 255);
+        qh[ib] = (u64)(index[2 * ib] >> 8) | ((u64)(index[2 * ib + 1] >> 8) << 4);
+    }
+    if (max_scale > 0) {
+        float d = max_scale / 15.0f, inv = 1.0f / d, sumqx = 0.0f, sumq2 = 0.0f;
+        for (int ib = 0; ib < 16; ib++) {
+            int l = (int)clampf(nearest(0.5f * (inv * scales[ib] - 1.0f)), 0.0f, 7.0f);
+            sc[ib / 4] |= (u64)l << (3 * (ib % 4));
+            qh[ib] |= MASK[shifts[ib]];
+            for (int k = 0; k < 2; k++) {
+                const float *xx = (k == 0 ? shifts[ib] < 2 : shifts[ib] % 2 == 0) ? XP : XM;
+                for (int j = 0; j < 8; j++) {
+                    const int i = 16 * ib + 8 * k + j;
+                    float q = xx[iq1_level(t, index[2 * ib + k], j)] * (float)(2 * l + 1);
+                    sumqx += w[i] * q * x[i];
+                    sumq2 += w[i] * q * q;
+                }
+            }
+        }
+        if (sumq2 > 0)
+            d = sumqx / sumq2;
+        u64 s = (u64)f16_bits(d * 1.1125f);
+        sc[0] |= (s & 0x000F) << 12;
+        sc[1] |= (s & 0x00F0) << 8;
+        sc[2] |= (s & 0x0F00) << 4;
+        sc[3] |= s & 0xF000;
+    }
+    for (int ib = 0; ib < 16; ib++)
+        y[32 + ib] = (uint8_t)qh[ib];
+    for (int i = 0; i < 4; i++)
+        put_le(y + 48 + 2 * i, sc[i], 2);
+}
+
+/* IQ3_S (kernels/iq3_s.py): one super-block of 256 weights into the 110 bytes at y; qw may be NULL. An all-zero
+ * block does not advance the qs / signs write position (as in ggml). */
+static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+{
+    float sumx2 = 0.0f, w[256], wa[256], xv[256], q[32], scales[8], max_scale = 0.0f;
+    int slot = 0;
+    memset(y, 0, 110);
+    for (int i = 0; i < 256; i++)
+        sumx2 += x[i] * x[i];
+    float sigma2 = 2.0f * sumx2 / 256.0f;
+    for (int i = 0; i < 256; i++) {
+        w[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+        wa[i] = sqrtf(w[i]);
+    }
+    for (int ib = 0; ib < 8; ib++) {
+        const int o = 32 * ib;
+        u64 signs[4];
+        for (int k = 0; k < 4; k++) {
+            signs[k] = 0;
+            for (int i = 0; i < 8; i++) {
+                float v = x[o + 8 * k + i];
+                if (v >= 0) {
+                    xv[o + 8 * k + i] = v;
+                } else {
+                    xv[o + 8 * k + i] = -v;
+                    signs[k] |= (u64)1 << i;
+                }
+            }
+        }
+        float mx = xv[o];
+        for (int i = 1; i < 32; i++)
+            mx = xv[o + i] > mx ? xv[o + i] : mx;
+        scales[ib] = 0.0f;
+        if (mx == 0)
+            continue;
+        float s = iq_trial_search(t, 32, xv + o, w + o, wa + o, mx, 15, 0.2f, 9, 8, 1, q);
+        if (s < 0) {
+            s = -s;
+            for (int k = 0; k < 4; k++)
+                signs[k] = (~signs[k]) & 255;
+        }
+        for (int k = 0; k < 8; k++) {
+            i64 gi = iq_point(t, q + 4 * k);
+            y[2 + 8 * slot + k] = (uint8_t)(gi & 255);
+            y[66 + ib] |= (uint8_t)((gi >> 8) << k);
+        }
+        for (int k = 0; k < 4; k++)
+            y[74 + 4 * slot + k] = (uint8_t)signs[k];
+        slot++;
+        scales[ib] = s;
+        max_scale = s > max_scale ? s : max_scale;
+    }
+    if (!(max_scale > 0))
+        return;
+    float d = max_scale / 31.0f, inv = 1.0f / d;
+    put_f16(y, 0, d * 1.033f);
+    for (int ib = 0; ib < 8; ib++) {
+        u64 l = (u64)clampf(nearest(0.5f * (inv * scales[ib] - 1.0f)), 0.0f, 15.0f);
+        y[106 + ib / 2] |= (uint8_t)(l << (4 * (ib % 2)));
+    }
+}
+
+/* IQ2_S (kernels/iq2_s.py): one super-block of 256 weights into the 82 bytes at y; qw may be NULL. */
+static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+{
+    float sumx2 = 0.0f, w[256], wa[256], xv[256], q[16], scales[16], max_scale = 0.0f;
+    memset(y, 0, 82);
+    for (int i = 0; i < 256; i++)
+        sumx2 += x[i] * x[i];
+    float sigma2 = 2.0f * sumx2 / 256.0f;
+    for (int i = 0; i < 256; i++) {
+        w[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : 0.25f * sigma2 + x[i] * x[i];
+        wa[i] = sqrtf(w[i]);
+    }
+    for (int ib = 0; ib < 16; ib++) {
+        const int o = 16 * ib;
+        u64 signs[2];
+        for (int k = 0; k < 2; k++) {
+            signs[k] = 0;
+            for (int i = 0; i < 8; i++) {
+                float v = x[o + 8 * k + i];
+                if (v >= 0) {
+                    xv[o + 8 * k + i] = v;
+                } else {
+                    xv[o + 8 * k + i] = -v;
+                    signs[k] |= (u64)1 << i;
+                }
+            }
+        }
+        float mx = xv[o];
+        for (int i = 1; i < 16; i++)
+            mx = xv[o + i] > mx ? xv[o + i] : mx;
+        scales[ib] = 0.0f;
+        if (mx < 1e-8f)
+            continue;
+        float s = iq_trial_search(t, 16, xv + o, w + o, wa + o, mx, 5, TENTH, 9, 3, 0, q);
+        if (s < 0) {
+            s = -s;
+            for (int k = 0; k < 2; k++)
+                signs[k] = (~signs[k]) & 255;
+        }
+        for (int k = 0; k < 2; k++) {
+            const int g = 2 * ib + k;
+            i64 gi = iq_point(t, q + 8 * k);
+            y[2 + g] = (uint8_t)(gi & 255);
+            y[34 + g] = (uint8_t)signs[k];
+            y[66 + g / 4] |= (uint8_t)((gi >> 8) << (2 * (g % 4)));
+        }
+        scales[ib] = s;
+        max_scale = s > max_scale ? s : max_scale;
+    }
+    if (!(max_scale > 0))
+        return;
+    float d = max_scale / 31.0f, inv = 1.0f / d;
+    put_f16(y, 0, d * 0.9875f);
+    for (int ib = 0; ib < 16; ib++) {
+        u64 l = (u64)clampf(nearest(0.5f * (inv * scales[ib] - 1.0f)), 0.0f, 15.0f);
+        y[74 + ib / 2] |= (uint8_t)(l << (4 * (ib % 2)));
+    }
+}
+
+/* Quantize rows r0 .. r1 of x (n_per_row columns, a multiple of 256) as IQ2_XXS (kind 0), IQ2_XS (1), IQ3_XXS (2)
+ * IQ1_S (3), IQ1_M (4), IQ3_S (5) or IQ2_S (6) into out (the whole tensor's bytes); qw is the imatrix
+ * (n_per_row,) or NULL (IQ3_XXS, IQ1_M, IQ3_S and IQ2_S only). The
+ * lattice tables are those of kernels/_iq_grids.py search_tables. Returns 0, or -1 for a bad kind. */
+int qf_quantize_iq_rows(int kind, const float *x, i64 n_per_row, const float *qw, uint8_t *out, i64 r0, i64 r1,
+                        const float *coords, const i64 *map, const i64 *neighbours, const i64 *row, i64 width)
+{
+    if (kind < 0 || kind >= N_IQ || ((kind == IQ_XXS2 || kind == IQ_XS2 || kind == IQ1S) && qw == NULL))
+        return -1;
+    const int iq3 = kind == IQ_XXS3 || kind == IQ3S;
+    IqTables t = {coords, map, neighbours, row, width, iq3 ? 4 : 8, iq3 ? 3 : 2};
+    static const i64 TYPE_SIZE[N_IQ] = {66, 74, 98, 50, 56, 110, 82};
+    const i64 ts = TYPE_SIZE[kind];
+    const i64 nsb = n_per_row / 256;
+    for (i64 r = r0; r < r1; r++) {
+        for (i64 s = 0; s < nsb; s++) {
+            const float *xs = x + r * n_per_row + 256 * s, *qs = qw ? qw + 256 * s : NULL;
+            if (kind == IQ1S)
+                iq1s_superblock(&t, xs, qs, out + (r * nsb + s) * ts);
+            else if (kind == IQ1M)
+                iq1m_superblock(&t, xs, qs, out + (r * nsb + s) * ts);
+            else if (kind == IQ3S)
+                iq3s_superblock(&t, xs, qs, out + (r * nsb + s) * ts);
+            else if (kind == IQ2S)
+                iq2s_superblock(&t, xs, qs, out + (r * nsb + s) * ts);
+            else
+                iq_superblock(kind, &t, xs, qs, out + (r * nsb + s) * ts);
+        }
+    }
+    return 0;
 }
 
 static struct PyModuleDef cquant_module = {

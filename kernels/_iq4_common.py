@@ -22,7 +22,6 @@ import torch
 
 from ._legacy_common import fdiv, importance_weights, seqsum_cols, signed_absmax
 from ._search import GROUP_MAX_EPS, cdiv, f32
-from ._triton import HAVE_TRITON, tl, triton
 
 #: The IQ4 grid (``kvalues_iq4nl`` in ggml-common.h): dequantized weight = scale * KVALUES_IQ4NL[index].
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -106,16 +105,3 @@ def importance(x: torch.Tensor, xt: torch.Tensor, qw: torch.Tensor | None, super
 def grid_values(idx: torch.Tensor) -> torch.Tensor:
     """Grid values (float32) at integer indices ``idx`` (any shape)."""
     return _lookup(_tables(idx.device)[2], idx.to(torch.int64))
-
-
-if HAVE_TRITON:
-    # The grid packed into two int64 words of 8-bit fields (value + 127), so a kernel reads it without a table
-    # pointer: field i of word i // 8 holds KVALUES_IQ4NL[i] + 127.
-    _KV_LO = tl.constexpr(sum((v + 127) << (8 * i) for i, v in enumerate(KVALUES_IQ4NL[:8])))
-    _KV_HI = tl.constexpr(sum((v + 127) << (8 * i) for i, v in enumerate(KVALUES_IQ4NL[8:])) - (1 << 64))
-
-    @triton.jit
-    def kvalue(idx):
-        """``KVALUES_IQ4NL[idx]`` as float32 for an int32 tensor ``idx`` in 0..15."""
-        word = tl.where(idx < 8, _KV_LO, _KV_HI)
-        return (((word >> ((idx & 7) * 8).to(tl.int64)) & 255) - 127).to(tl.float32)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import torch
 
@@ -20,7 +19,6 @@ from ..formats import QuantFormat
 from . import _cpu_fast
 from ._blocks import as_blocks, as_byte_blocks
 from ._search import cdiv, qkx_search_t, qp_search_t, seqsum, sqrt_f32
-from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 CHUNK_ELEMENTS = 1 << 19
 """On CPU, rows are quantized in chunks of about this many weights so the search temporaries stay cache-sized."""
@@ -234,53 +232,3 @@ def q45_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dmin = fp16_from(b[:, 2:4])
     sc, m = unpack_scales_k4(b[:, 4:16])
     return (d[:, None] * sc.to(torch.float32)).unsqueeze(-1), (dmin[:, None] * m.to(torch.float32)).unsqueeze(-1)
-
-
-def launch_dequant(
-    kernel: Any, data: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype, blocks_per_program: int
-) -> torch.Tensor:
-    """Run a standalone K-quant dequantize ``kernel(src, dst, n_blocks, BLOCKS, QK)`` over all blocks of ``data``.
-
-    FMA contraction is switched off so that ``d*q - m`` rounds exactly like the PyTorch reference.
-    """
-    check_launchable(data.device.type)
-    b = as_byte_blocks(data, fmt.type_size).contiguous()
-    n_blocks = b.shape[0]
-    out = torch.empty((n_blocks, fmt.block_size), dtype=dtype, device=data.device)
-    if n_blocks:
-        grid = (triton.cdiv(n_blocks, blocks_per_program),)
-        kernel[grid](b, out, n_blocks, BLOCKS=blocks_per_program, QK=fmt.block_size, enable_fp_fusion=False)
-    return out.reshape(data.shape[0], -1)
-
-
-if HAVE_TRITON:
-
-    @triton.jit
-    def load_f16(src, off, mask):
-        """Little-endian fp16 at byte offsets ``off`` (any shape) -> float32."""
-        lo = tl.load(src + off, mask=mask, other=0).to(tl.uint16)
-        hi = tl.load(src + off + 1, mask=mask, other=0).to(tl.uint16)
-        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-
-    @triton.jit
-    def load_u8(src, off, mask):
-        """Bytes at offsets ``off`` -> int32."""
-        return tl.load(src + off, mask=mask, other=0).to(tl.int32)
-
-    @triton.jit
-    def scale_min_k4(src, sbase, j, mask):
-        """Q4_K/Q5_K 6-bit ``(sc, m)`` of sub-block ``j`` from the 12 scale bytes at ``sbase`` (broadcast shapes)."""
-        lo = j < 4
-        b_j = load_u8(src, sbase + j, mask)
-        b_j4 = load_u8(src, sbase + j + 4, mask)
-        b_jm4 = load_u8(src, sbase + (j ^ 4), mask)
-        sc = tl.where(lo, b_j & 63, (b_j4 & 15) | ((b_jm4 >> 6) << 4))
-        m = tl.where(lo, b_j4 & 63, (b_j4 >> 4) | ((b_j >> 6) << 4))
-        return sc, m
-
-    @triton.jit
-    def store_tile(dst, blk, mask, y, QK: tl.constexpr):
-        """Store a ``[BLOCKS, QK]`` float32 tile at rows ``blk`` of ``dst`` (round to nearest even when narrowing)."""
-        e = tl.arange(0, QK)
-        ptr = dst + blk.to(tl.int64)[:, None] * QK + e[None, :]
-        tl.store(ptr, y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask[:, None])

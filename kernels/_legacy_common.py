@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import UnsupportedFormat
+from ..formats import QuantFormat, get_format
 from . import _cpu_fast
 from ._blocks import as_byte_blocks, bytes_to_f16
 from ._search import cdiv, f32, qkx_search_t, qx_search_t, seqsum
-from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 #: Weights per chunk of rows quantized at once, by (device type, path). On CPU the searches keep temporaries of
 #: 2^17 floats (512 KiB), which stay in cache and are reused by the allocator (larger fresh buffers cost page
@@ -308,57 +308,27 @@ def dequantize_legacy(data: torch.Tensor, spec: LegacySpec, type_size: int, dtyp
     return y.to(dtype).reshape(data.shape[0], -1)
 
 
-def launch_dequant(
-    kernel, data: torch.Tensor, block_size: int, type_size: int, dtype: torch.dtype, blocks_per_program: int
-) -> torch.Tensor:
-    """Run a ``kernel(src, dst, n_blocks, BLOCKS=...)`` dequantize kernel over ``(rows, nbytes)`` uint8 ``data``.
+@dataclass(frozen=True)
+class LegacyCodec:
+    """The registry codec of one legacy type (:mod:`quantforge.formats` contract), closed over its spec."""
 
-    FMA contraction is turned off so ``d * q + m`` rounds twice, as the C, gguf-py and PyTorch references do.
-    """
-    check_launchable(data.device.type)
-    b = as_byte_blocks(data, type_size).contiguous()
-    n_blocks = b.shape[0]
-    out = torch.empty((n_blocks, block_size), dtype=dtype, device=data.device)
-    if n_blocks:
-        grid = (triton.cdiv(n_blocks, blocks_per_program),)
-        kernel[grid](b, out, n_blocks, BLOCKS=blocks_per_program, enable_fp_fusion=False)
-    return out.reshape(data.shape[0], -1)
+    name: str
+    spec: LegacySpec
 
+    @property
+    def fmt(self) -> QuantFormat:
+        return get_format(self.name)
 
-if HAVE_TRITON:
+    def quantize(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """``(rows, n)`` float -> ``(rows, n/32*type_size)`` uint8; ``imatrix`` ``(n,)`` selects the ``_impl`` path."""
+        return quantize_legacy(weight, imatrix, self.spec, self.fmt.type_size)
 
-    @triton.jit
-    def load_f16(ptr, mask):
-        """Read the little-endian fp16 at byte pointers ``ptr`` as float32 (0 where ``mask`` is off)."""
-        lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
-        hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
-        return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    def dequantize(self, data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(rows, nbytes)`` uint8 -> ``(rows, n)`` (reference)."""
+        return dequantize_legacy(data, self.spec, self.fmt.type_size, dtype)
 
-    @triton.jit
-    def dequant_legacy_blocks(src, blk, mask, TS: tl.constexpr, HAS_MIN: tl.constexpr, FIVE_BIT: tl.constexpr):
-        """Float32 tile ``[len(blk), 32]`` of legacy blocks ``blk`` (layout ``d, [m], [qh], qs``; see module doc).
+    def dequantize_triton(self, data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Triton dequantize through the registry tile (:mod:`.tiles`), same values as :meth:`dequantize`."""
+        from . import tiles
 
-        ``d * q + m`` is written as two operations; launch with ``enable_fp_fusion=False`` for bit-exact output.
-        """
-        base = blk.to(tl.int64) * TS
-        d = load_f16(src + base, mask)
-        e = tl.arange(0, 32)
-        m2 = mask[:, None]
-        qs = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN + 4 * FIVE_BIT) + (e % 16)[None, :], mask=m2, other=0)
-        q = (qs.to(tl.int32) >> ((e // 16) * 4)[None, :]) & 15
-        if FIVE_BIT:
-            qh = tl.load(src + base[:, None] + (2 + 2 * HAS_MIN) + (e // 8)[None, :], mask=m2, other=0)
-            q = q | (((qh.to(tl.int32) >> (e % 8)[None, :]) & 1) << 4)
-        if HAS_MIN:
-            m = load_f16(src + base + 2, mask)
-            y = d[:, None] * q.to(tl.float32) + m[:, None]
-        else:
-            y = d[:, None] * (q - (8 + 8 * FIVE_BIT)).to(tl.float32)
-        return y
-
-    @triton.jit
-    def store_tile(dst, blk, mask, y, QKB: tl.constexpr):
-        """Store the float32 tile ``y`` ``[len(blk), QKB]`` as rows ``blk`` of ``dst`` (rounding to nearest even)."""
-        j = tl.arange(0, QKB)
-        ptr = dst + blk.to(tl.int64)[:, None] * QKB + j[None, :]
-        tl.store(ptr, y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask[:, None])
+        return tiles.dequantize(self.fmt, data, dtype)

@@ -2,20 +2,22 @@
 
 Nibble order as Q4_0 (element ``j`` low, ``j + 16`` high). ``quantize`` is llama.cpp's ``quantize_iq4_nl``
 (``quantize_row_iq4_nl_impl`` with ``ntry = 7``, super-block = block = 32; see :mod:`._iq4_common`), with or
-without an imatrix. Reference codec (PyTorch, any device) plus a Triton dequantize kernel checked against it.
+without an imatrix.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..errors import InputError
 from ..formats import get_format
+from . import tiles
 from ._blocks import as_byte_blocks, bytes_to_f16
 from ._iq4_common import best_index, block_scales, grid_values, importance
-from ._legacy_common import launch_dequant, position_major, put_f16, put_nibbles, quantize_rows, unpack_nibbles
+from ._legacy_common import position_major, put_f16, put_nibbles, quantize_rows, unpack_nibbles
 from ._search import cdiv
-from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("iq4_nl")
 QK = FMT.block_size
@@ -49,37 +51,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return y.to(dtype).reshape(data.shape[0], -1)
 
 
-if HAVE_TRITON:
-    from ._iq4_common import kvalue
-    from ._legacy_common import load_f16, store_tile
-
-    _TS = tl.constexpr(FMT.type_size)
-    _QK = tl.constexpr(QK)
-
-    @triton.jit
-    def dequant_iq4_nl_blocks(src, blk, mask):
-        """Dequantize the IQ4_NL blocks with indices ``blk`` (1-D) to a float32 tile ``[len(blk), 32]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes.
-        """
-        base = blk.to(tl.int64) * _TS
-        d = load_f16(src + base, mask)
-        e = tl.arange(0, _QK)
-        qs = tl.load(src + base[:, None] + 2 + (e % 16)[None, :], mask=mask[:, None], other=0)
-        idx = (qs.to(tl.int32) >> ((e // 16) * 4)[None, :]) & 15
-        return d[:, None] * kvalue(idx)
-
-    @triton.jit
-    def dequant_iq4_nl_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr):
-        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        store_tile(dst, blk, mask, dequant_iq4_nl_blocks(src, blk, mask), _QK)
-
-
-def dequantize_triton(
-    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 64
-) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    return launch_dequant(
-        dequant_iq4_nl_kernel if HAVE_TRITON else None, data, QK, FMT.type_size, dtype, blocks_per_program
-    )
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

@@ -9,14 +9,16 @@ super-blocks): block scales from :func:`._iq4_common.block_scales`, ``d = -max_s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import get_format
+from . import tiles
 from ._blocks import as_byte_blocks, bytes_to_f16
 from ._iq4_common import best_index, block_scales, grid_values, importance
 from ._legacy_common import (
     fdiv,
-    launch_dequant,
     position_major,
     put_f16,
     put_nibbles,
@@ -25,7 +27,6 @@ from ._legacy_common import (
     unpack_nibbles,
 )
 from ._search import cdiv
-from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("iq4_xs")
 QK = FMT.block_size
@@ -74,46 +75,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return y.to(dtype).reshape(data.shape[0], -1)
 
 
-if HAVE_TRITON:
-    from ._iq4_common import kvalue
-    from ._legacy_common import load_f16, store_tile
-
-    _TS = tl.constexpr(FMT.type_size)
-    _QK = tl.constexpr(QK)
-
-    @triton.jit
-    def dequant_iq4_xs_blocks(src, blk, mask):
-        """Dequantize the IQ4_XS super-blocks with indices ``blk`` (1-D) to a float32 tile ``[len(blk), 256]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes.
-        """
-        base = blk.to(tl.int64) * _TS
-        d = load_f16(src + base, mask)
-        sh = tl.load(src + base + 2, mask=mask, other=0).to(tl.int32) | (
-            tl.load(src + base + 3, mask=mask, other=0).to(tl.int32) << 8
-        )
-        e = tl.arange(0, _QK)
-        ib = e // 32
-        j = e % 32
-        m2 = mask[:, None]
-        sl = tl.load(src + base[:, None] + 4 + (ib // 2)[None, :], mask=m2, other=0).to(tl.int32)
-        ls = ((sl >> (4 * (ib % 2))[None, :]) & 15) | (((sh[:, None] >> (2 * ib)[None, :]) & 3) << 4)
-        dl = d[:, None] * (ls - 32).to(tl.float32)
-        qs = tl.load(src + base[:, None] + 8 + (16 * ib + j % 16)[None, :], mask=m2, other=0)
-        idx = (qs.to(tl.int32) >> ((j // 16) * 4)[None, :]) & 15
-        return dl * kvalue(idx)
-
-    @triton.jit
-    def dequant_iq4_xs_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr):
-        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        store_tile(dst, blk, mask, dequant_iq4_xs_blocks(src, blk, mask), _QK)
-
-
-def dequantize_triton(
-    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 8
-) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    return launch_dequant(
-        dequant_iq4_xs_kernel if HAVE_TRITON else None, data, QK, FMT.type_size, dtype, blocks_per_program
-    )
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

@@ -26,8 +26,9 @@ Rounding mirrors bitsandbytes exactly (read from its CPU/default backends, versi
   is what transformers writes without a GPU; the Triton kernels give the same bytes as the reference here.
 * dequantize: ``code[q] * absmax`` in float32 (nested: ``nested_code[q8] * nested_absmax + offset`` first).
 
-A PyTorch reference (any device) sits beside the Triton kernels (quantize and dequantize; the module-level
-``dequant_4bit_blocks`` tile helper is what a fused matmul calls). The registry codecs ``NF4``/``FP4`` adapt the
+A PyTorch reference (any device) sits beside the Triton kernels (quantize and dequantize of the flat
+bitsandbytes layout). Matmul and merge kernels read NF4/FP4 through the registry tiles of :mod:`.tiles`
+(``bnb4_tile``, ``bnb4_dq_tile``), which decode the same values. The registry codecs ``NF4``/``FP4`` adapt the
 reference to the row layout of :mod:`quantforge.formats` (per block: 32 packed bytes then the float32 absmax).
 """
 
@@ -324,11 +325,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def dequant_4bit_blocks(packed, absmax, code, blk, mask, n_bytes, BLOCKS: tl.constexpr, QKB: tl.constexpr):
-        """Dequantize the 4-bit blocks ``blk`` (1-D, ``BLOCKS`` long) to a float32 tile ``[BLOCKS, QKB]``.
+        """Dequantize the 4-bit blocks ``blk`` (1-D, ``BLOCKS`` long) of the flat layout to ``[BLOCKS, QKB]``.
 
         ``packed`` points at the code bytes (``QKB/2`` per block, high nibble first), ``absmax`` at the float32
-        per-block scales (already decoded when double-quantized), ``code`` at the 16 float32 code values. A fused
-        matmul calls this tile by tile.
+        per-block scales (already decoded when double-quantized), ``code`` at the 16 float32 code values.
         """
         jb = tl.arange(0, QKB // 2)
         bidx = blk[:, None] * (QKB // 2) + jb[None, :]

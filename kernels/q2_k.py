@@ -11,9 +11,12 @@ absolute error, 4-bit scales from the max) and ``quantize_row_q2_K_impl`` with o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import get_format
+from . import tiles
 from ._kq_common import (
     block_sum_sq,
     byte_blocks,
@@ -23,19 +26,14 @@ from ._kq_common import (
     fp16_from,
     fp16_round,
     from_groups,
-    launch_dequant,
-    load_f16,
-    load_u8,
     pack_crumbs,
     positive_or_zero,
     quantize_rows,
     requant_asym,
-    store_tile,
     to_groups,
     unpack_crumbs,
 )
 from ._search import qkx_search_t, qp_search_t, seqsum, sqrt_f32
-from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("q2_k")
 QK = FMT.block_size
@@ -92,34 +90,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return (dl * q - ml).reshape(data.shape[0], -1).to(dtype)
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def dequant_q2_k_blocks(src, blk, mask, QK: tl.constexpr):
-        """Dequantize the Q2_K super-blocks ``blk`` (1-D indices) to a float32 tile ``[len(blk), QK]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes. Compile without FMA
-        contraction (``enable_fp_fusion=False``) to match :func:`dequantize` bit for bit.
-        """
-        base = blk.to(tl.int64) * 84
-        e = tl.arange(0, QK)
-        m2 = mask[:, None]
-        d = load_f16(src, base + 80, mask)[:, None]
-        dmin = load_f16(src, base + 82, mask)[:, None]
-        sc = load_u8(src, base[:, None] + (e // 16)[None, :], m2)
-        qb = load_u8(src, base[:, None] + 16 + ((e // 128) * 32 + e % 32)[None, :], m2)
-        q = (qb >> (((e % 128) // 32) * 2)[None, :]) & 3
-        return (d * (sc & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
-
-    @triton.jit
-    def dequant_q2_k_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr, QK: tl.constexpr):
-        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        store_tile(dst, blk, mask, dequant_q2_k_blocks(src, blk, mask, QK), QK)
-
-
-def dequantize_triton(
-    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
-) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    return launch_dequant(dequant_q2_k_kernel, data, FMT, dtype, blocks_per_program)
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

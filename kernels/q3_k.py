@@ -13,9 +13,12 @@ largest-magnitude one) and ``quantize_row_q3_K_impl`` with one (weights ``qw * s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import get_format
+from . import tiles
 from ._kq_common import (
     block_sum_sq,
     byte_blocks,
@@ -25,18 +28,13 @@ from ._kq_common import (
     fp16_from,
     fp16_round,
     from_groups,
-    launch_dequant,
-    load_f16,
-    load_u8,
     pack_crumbs,
     quantize_rows,
     requant_sym,
-    store_tile,
     to_groups,
     unpack_crumbs,
 )
 from ._search import max_abs_signed, q3_search_t, qx_search_t, seqsum, sqrt_f32
-from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("q3_k")
 QK = FMT.block_size
@@ -104,38 +102,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(data.shape[0], -1).to(dtype)
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def dequant_q3_k_blocks(src, blk, mask, QK: tl.constexpr):
-        """Dequantize the Q3_K super-blocks ``blk`` (1-D indices) to a float32 tile ``[len(blk), QK]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes.
-        """
-        base = blk.to(tl.int64) * 110
-        e = tl.arange(0, QK)
-        j = (e // 16)[None, :]
-        ln = (e % 32)[None, :]
-        m2 = mask[:, None]
-        d = load_f16(src, base + 108, mask)[:, None]
-        lo_b = load_u8(src, base[:, None] + 96 + j % 8, m2)
-        hi_b = load_u8(src, base[:, None] + 104 + j % 4, m2)
-        sc = (((lo_b >> ((j // 8) * 4)) & 15) | (((hi_b >> (2 * (j // 4))) & 3) << 4)) - 32
-        qb = load_u8(src, base[:, None] + 32 + (e // 128)[None, :] * 32 + ln, m2)
-        hm = load_u8(src, base[:, None] + ln, m2)
-        low = (qb >> (((e % 128) // 32) * 2)[None, :]) & 3
-        q = low - ((((hm >> (e // 32)[None, :]) & 1) ^ 1) << 2)
-        return (d * sc.to(tl.float32)) * q.to(tl.float32)
-
-    @triton.jit
-    def dequant_q3_k_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr, QK: tl.constexpr):
-        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        store_tile(dst, blk, mask, dequant_q3_k_blocks(src, blk, mask, QK), QK)
-
-
-def dequantize_triton(
-    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
-) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    return launch_dequant(dequant_q3_k_kernel, data, FMT, dtype, blocks_per_program)
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

@@ -12,9 +12,12 @@ weights, no σ² term) (GGUF.md §2.2), vectorized over all super-blocks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import get_format
+from . import tiles
 from ._kq_common import (
     byte_blocks,
     cdiv,
@@ -22,16 +25,11 @@ from ._kq_common import (
     fp16_from,
     fp16_round,
     from_groups,
-    launch_dequant,
-    load_f16,
-    load_u8,
     quantize_rows,
     requant_sym,
-    store_tile,
     to_groups,
 )
 from ._search import GROUP_MAX_EPS, max_abs_signed, qx_search_t
-from ._triton import HAVE_TRITON, tl, triton
 
 FMT = get_format("q6_k")
 QK = FMT.block_size
@@ -78,36 +76,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return (dl * q.reshape(-1, 16, 16).to(torch.float32)).reshape(data.shape[0], -1).to(dtype)
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def dequant_q6_k_blocks(src, blk, mask, QK: tl.constexpr):
-        """Dequantize the Q6_K super-blocks ``blk`` (1-D indices) to a float32 tile ``[len(blk), QK]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes.
-        """
-        base = blk.to(tl.int64) * 210
-        e = tl.arange(0, QK)
-        h = (e // 128)[None, :]
-        c = ((e % 128) // 32)[None, :]
-        ln = (e % 32)[None, :]
-        m2 = mask[:, None]
-        d = load_f16(src, base + 208, mask)[:, None]
-        sc = tl.load(src + base[:, None] + 192 + (e // 16)[None, :], mask=m2, other=0).to(tl.int8, bitcast=True)
-        qlb = load_u8(src, base[:, None] + 64 * h + (c % 2) * 32 + ln, m2)
-        qhb = load_u8(src, base[:, None] + 128 + 32 * h + ln, m2)
-        q = (((qlb >> ((c // 2) * 4)) & 15) | (((qhb >> (2 * c)) & 3) << 4)) - 32
-        return (d * sc.to(tl.float32)) * q.to(tl.float32)
-
-    @triton.jit
-    def dequant_q6_k_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr, QK: tl.constexpr):
-        blk = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        store_tile(dst, blk, mask, dequant_q6_k_blocks(src, blk, mask, QK), QK)
-
-
-def dequantize_triton(
-    data: torch.Tensor, dtype: torch.dtype = torch.float32, blocks_per_program: int = 16
-) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    return launch_dequant(dequant_q6_k_kernel, data, FMT, dtype, blocks_per_program)
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

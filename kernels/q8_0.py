@@ -1,17 +1,18 @@
 """Q8_0: blocks of 32 weights, ``d: f16`` then ``qs: int8[32]`` (34 bytes, 8.5 bpw); ``y = d * q``.
 
-Reference codec (PyTorch, any device) and a Triton dequantize kernel checked against it. The imatrix is
-accepted and ignored, as in llama.cpp (Q8_0 has no search to weight).
+Reference codec (PyTorch, any device); the Triton dequantize goes through the registry tile (:mod:`.tiles`).
+The imatrix is accepted and ignored, as in llama.cpp (Q8_0 has no search to weight).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..formats import get_format
-from . import _cpu_fast
+from . import _cpu_fast, tiles
 from ._blocks import as_blocks, as_byte_blocks, bytes_to_f16, f16_to_bytes, roundf, rows_out
-from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 FMT = get_format("q8_0")
 QK = FMT.block_size
@@ -41,40 +42,5 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return (d * q).to(dtype).reshape(data.shape[0], -1)
 
 
-if HAVE_TRITON:
-
-    @triton.jit
-    def dequant_q8_0_blocks(src, blk, mask, QKB: tl.constexpr):
-        """Dequantize the Q8_0 blocks with indices ``blk`` (1-D) to a float32 tile ``[len(blk), 32]``.
-
-        A fused matmul calls this tile by tile; ``src`` points at the packed bytes.
-        """
-        base = blk * 34
-        lo = tl.load(src + base, mask=mask, other=0).to(tl.uint16)
-        hi = tl.load(src + base + 1, mask=mask, other=0).to(tl.uint16)
-        d = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
-        j = tl.arange(0, QKB)
-        q = tl.load(src + base[:, None] + 2 + j[None, :], mask=mask[:, None], other=0).to(tl.int8, bitcast=True)
-        return d[:, None] * q.to(tl.float32)
-
-    @triton.jit
-    def dequant_q8_0_kernel(src, dst, n_blocks, BLOCKS: tl.constexpr, QKB: tl.constexpr):
-        pid = tl.program_id(0)
-        blk = pid * BLOCKS + tl.arange(0, BLOCKS)
-        mask = blk < n_blocks
-        y = dequant_q8_0_blocks(src, blk, mask, QKB)
-        j = tl.arange(0, QKB)
-        tl.store(dst + blk[:, None] * QKB + j[None, :], y.to(dst.dtype.element_ty, fp_downcast_rounding="rtne"),
-                 mask=mask[:, None])
-
-
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32,
-                      blocks_per_program: int = 64) -> torch.Tensor:
-    """Triton dequantize, same result as :func:`dequantize`."""
-    check_launchable(data.device.type)
-    b = as_byte_blocks(data, FMT.type_size).contiguous()
-    n_blocks = b.shape[0]
-    out = torch.empty((n_blocks, QK), dtype=dtype, device=data.device)
-    grid = (triton.cdiv(n_blocks, blocks_per_program),)
-    dequant_q8_0_kernel[grid](b, out, n_blocks, BLOCKS=blocks_per_program, QKB=QK)
-    return out.reshape(data.shape[0], -1)
+dequantize_triton = functools.partial(tiles.dequantize, FMT)
+"""Triton dequantize through the registry tile (:mod:`.tiles`), same values as :func:`dequantize`."""

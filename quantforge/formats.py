@@ -41,6 +41,8 @@ class QuantFormat:
     ggml_type: int | None
     codec: str | None = None
     takes_imatrix: bool = False
+    tile: str | None = None
+    """``module:function`` of the ``@triton.jit`` tile dequantizer (signature in :mod:`quantforge.kernels.tiles`)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -125,24 +127,41 @@ def by_ggml_type(type_id: int) -> QuantFormat:
 
 
 _K = "quantforge.kernels."
+_T = _K + "tiles:"
 for _f in (
-    QuantFormat("f32", Family.FLOAT, 1, 4, 0, _K + "floats:F32"),
-    QuantFormat("f16", Family.FLOAT, 1, 2, 1, _K + "floats:F16"),
-    QuantFormat("bf16", Family.FLOAT, 1, 2, 30, _K + "floats:BF16"),
-    QuantFormat("q4_0", Family.GGUF, 32, 18, 2, _K + "q4_0", takes_imatrix=True),
-    QuantFormat("q4_1", Family.GGUF, 32, 20, 3, _K + "q4_1", takes_imatrix=True),
-    QuantFormat("q5_0", Family.GGUF, 32, 22, 6, _K + "q5_0", takes_imatrix=True),
-    QuantFormat("q5_1", Family.GGUF, 32, 24, 7, _K + "q5_1", takes_imatrix=True),
-    QuantFormat("q8_0", Family.GGUF, 32, 34, 8, _K + "q8_0"),
-    QuantFormat("q2_k", Family.GGUF, 256, 84, 10, _K + "q2_k", takes_imatrix=True),
-    QuantFormat("q3_k", Family.GGUF, 256, 110, 11, _K + "q3_k", takes_imatrix=True),
-    QuantFormat("q4_k", Family.GGUF, 256, 144, 12, _K + "q4_k", takes_imatrix=True),
-    QuantFormat("q5_k", Family.GGUF, 256, 176, 13, _K + "q5_k", takes_imatrix=True),
-    QuantFormat("q6_k", Family.GGUF, 256, 210, 14, _K + "q6_k", takes_imatrix=True),
-    QuantFormat("iq4_nl", Family.GGUF, 32, 18, 20, _K + "iq4_nl", takes_imatrix=True),
-    QuantFormat("iq4_xs", Family.GGUF, 256, 136, 23, _K + "iq4_xs", takes_imatrix=True),
-    QuantFormat("nf4", Family.BNB, 64, 36, None, _K + "nf4:NF4"),
-    QuantFormat("fp4", Family.BNB, 64, 36, None, _K + "nf4:FP4"),
+    QuantFormat("f32", Family.FLOAT, 1, 4, 0, _K + "floats:F32", tile=_T + "float_tile"),
+    QuantFormat("f16", Family.FLOAT, 1, 2, 1, _K + "floats:F16", tile=_T + "float_tile"),
+    QuantFormat("bf16", Family.FLOAT, 1, 2, 30, _K + "floats:BF16", tile=_T + "float_tile"),
+    QuantFormat("q4_0", Family.GGUF, 32, 18, 2, _K + "legacy:Q4_0", takes_imatrix=True, tile=_T + "q4_0_tile"),
+    QuantFormat("q4_1", Family.GGUF, 32, 20, 3, _K + "legacy:Q4_1", takes_imatrix=True, tile=_T + "q4_1_tile"),
+    QuantFormat("q5_0", Family.GGUF, 32, 22, 6, _K + "legacy:Q5_0", takes_imatrix=True, tile=_T + "q5_0_tile"),
+    QuantFormat("q5_1", Family.GGUF, 32, 24, 7, _K + "legacy:Q5_1", takes_imatrix=True, tile=_T + "q5_1_tile"),
+    QuantFormat("q8_0", Family.GGUF, 32, 34, 8, _K + "q8_0", tile=_T + "q8_0_tile"),
+    QuantFormat("q2_k", Family.GGUF, 256, 84, 10, _K + "q2_k", takes_imatrix=True, tile=_T + "q2_k_tile"),
+    QuantFormat("q3_k", Family.GGUF, 256, 110, 11, _K + "q3_k", takes_imatrix=True, tile=_T + "q3_k_tile"),
+    QuantFormat("q4_k", Family.GGUF, 256, 144, 12, _K + "k45:Q4_K", takes_imatrix=True, tile=_T + "q4_k_tile"),
+    QuantFormat("q5_k", Family.GGUF, 256, 176, 13, _K + "k45:Q5_K", takes_imatrix=True, tile=_T + "q5_k_tile"),
+    QuantFormat("q6_k", Family.GGUF, 256, 210, 14, _K + "q6_k", takes_imatrix=True, tile=_T + "q6_k_tile"),
+    QuantFormat("iq4_nl", Family.GGUF, 32, 18, 20, _K + "iq4_nl", takes_imatrix=True, tile=_T + "iq4_nl_tile"),
+    QuantFormat("iq4_xs", Family.GGUF, 256, 136, 23, _K + "iq4_xs", takes_imatrix=True, tile=_T + "iq4_xs_tile"),
+    QuantFormat("nf4", Family.BNB, 64, 36, None, _K + "nf4:NF4", tile=_T + "bnb4_tile"),
+    QuantFormat("fp4", Family.BNB, 64, 36, None, _K + "nf4:FP4", tile=_T + "bnb4_tile"),
+):
+    register(_f)
+del _f
+
+# The 1- to 3-bit lattice i-quants (IQ1_S, IQ2_XXS and IQ2_XS cannot be made without an imatrix).
+for _f in (
+    QuantFormat("iq2_xxs", Family.GGUF, 256, 66, 16, _K + "iq2_xxs", takes_imatrix=True,
+                tile=_K + "iq2_xxs:iq2_xxs_tile"),
+    QuantFormat("iq2_xs", Family.GGUF, 256, 74, 17, _K + "iq2_xs", takes_imatrix=True,
+                tile=_K + "iq2_xs:iq2_xs_tile"),
+    QuantFormat("iq3_xxs", Family.GGUF, 256, 98, 18, _K + "iq3_xxs", takes_imatrix=True,
+                tile=_K + "iq3_xxs:iq3_xxs_tile"),
+    QuantFormat("iq1_s", Family.GGUF, 256, 50, 19, _K + "iq1_s", takes_imatrix=True, tile=_K + "iq1_s:iq1_s_tile"),
+    QuantFormat("iq1_m", Family.GGUF, 256, 56, 29, _K + "iq1_m", takes_imatrix=True, tile=_K + "iq1_m:iq1_m_tile"),
+    QuantFormat("iq3_s", Family.GGUF, 256, 110, 21, _K + "iq3_s", takes_imatrix=True, tile=_K + "iq3_s:iq3_s_tile"),
+    QuantFormat("iq2_s", Family.GGUF, 256, 82, 22, _K + "iq2_s", takes_imatrix=True, tile=_K + "iq2_s:iq2_s_tile"),
 ):
     register(_f)
 del _f

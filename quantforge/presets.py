@@ -27,9 +27,20 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     Mix("q5_1", "q5_1", 9), Mix("q2_k", "q2_k", 10), Mix("q3_k_s", "q3_k", 11), Mix("q3_k_m", "q3_k", 12),
     Mix("q3_k_l", "q3_k", 13), Mix("q4_k_s", "q4_k", 14), Mix("q4_k_m", "q4_k", 15), Mix("q5_k_s", "q5_k", 16),
     Mix("q5_k_m", "q5_k", 17), Mix("q6_k", "q6_k", 18), Mix("iq4_nl", "iq4_nl", 25), Mix("iq4_xs", "iq4_xs", 30),
+    Mix("iq2_xxs", "iq2_xxs", 19), Mix("iq2_xs", "iq2_xs", 20), Mix("iq1_s", "iq1_s", 24), Mix("iq1_m", "iq1_m", 31),
+    Mix("iq3_xs", "iq3_s", 22), Mix("iq3_s", "iq3_s", 26), Mix("iq3_m", "iq3_s", 27),
+    Mix("iq2_s", "iq2_xs", 28), Mix("iq2_m", "iq2_s", 29), Mix("iq3_xxs", "iq3_xxs", 23),
 )}
 
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+FALLBACK.update({t: "iq4_nl" for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s")})
+
+#: The 1- to 2-bit i-quant mixes, which share one rule set (``_iq_low_rule``), and the IQ3_S-based ones
+#: (``_iq3_rule``).
+IQ_LOW_MIXES = ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m", "iq2_s", "iq2_m")
+IQ3_MIXES = ("iq3_xs", "iq3_s", "iq3_m")
+#: Tensor types llama-quantize makes only with an imatrix (token_embd and output exempt).
+IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
@@ -107,6 +118,12 @@ def _rule(mix: str, base: str, name: str, shape: tuple[int, ...], model: ModelSh
           i_v: int, n_v: int, has_imatrix: bool) -> str:
     n = model.n_layer
     is_output = name == "output.weight" or (model.tied_embeddings and name == "token_embd.weight")
+    if mix in IQ_LOW_MIXES:
+        return _iq_low_rule(mix, base, name, shape, model, layer, is_output)
+    if mix in IQ3_MIXES and not is_output:
+        return _iq3_rule(mix, base, name, model, layer)
+    if mix == "iq3_xxs":
+        return _iq3_xxs_rule(base, name, shape, model, layer, is_output, has_imatrix)
     if is_output:
         if not get_format(base).fits(shape[-1]):
             return "q8_0"
@@ -155,3 +172,83 @@ def _rule(mix: str, base: str, name: str, shape: tuple[int, ...], model: ModelSh
             return "q5_k" if mix in ("q2_k", "q3_k_s", "q3_k_m", "iq4_nl", "q4_k_s", "q4_k_m", "iq4_xs") else base
         return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, base)
     return base
+
+
+def _iq_low_rule(mix: str, base: str, name: str, shape: tuple[int, ...], model: ModelShape, layer: int,
+                 is_output: bool) -> str:
+    """llama-quantize's rules for the IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ2_M mixes: output Q5_K, untied
+    token_embd Q2_K (IQ3_S in IQ2_S/M), attn_v Q4_K with GQA >= 4 or >= 4 experts (else Q2_K / IQ3_S), the first
+    eighth of ffn_down Q2_K / IQ3_S, attn_output IQ2_XXS in the IQ1 mixes and IQ3_S in IQ2_S/M (Q5_K with 8
+    experts), attn_k Q4_K with 8 experts; everything else the base type."""
+    more = "iq3_s" if mix in ("iq2_s", "iq2_m") else "q2_k"
+    if is_output:
+        return "q5_k" if get_format(base).fits(shape[-1]) else "q8_0"
+    if name == "token_embd.weight":
+        return more
+    if name.endswith(("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")):
+        return "q4_k" if model.n_gqa >= 4 or model.n_expert >= 4 else more
+    if name.endswith("attn_k.weight") and model.n_expert == 8:
+        return "q4_k"
+    if "ffn_down" in name:
+        return more if layer < model.n_layer // 8 else base
+    if name.endswith("attn_output.weight"):
+        if model.n_expert == 8:
+            return "q5_k"
+        return "iq2_xxs" if mix in ("iq1_s", "iq1_m") else "iq3_s" if mix in ("iq2_s", "iq2_m") else base
+    return base
+
+
+def _iq3_xxs_rule(base: str, name: str, shape: tuple[int, ...], model: ModelShape, layer: int, is_output: bool,
+                  has_imatrix: bool) -> str:
+    """llama-quantize's rules for the IQ3_XXS mix: output Q5_K, untied token_embd IQ3_S, attn_v Q4_K with GQA >= 4
+    (else IQ3_XXS, IQ3_S without an imatrix; Q8_0 with 8 experts), attn_k (Q8_0 with 8 experts) and attn_q IQ2_S,
+    ffn_down Q4_K / Q3_K (first eighth / rest) without an imatrix, attn_output IQ3_S (Q5_K with 8 experts)."""
+    if is_output:
+        return "q5_k" if get_format(base).fits(shape[-1]) else "q8_0"
+    if name == "token_embd.weight":
+        return "iq3_s"
+    if name.endswith(("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")):
+        t = "q4_k" if model.n_gqa >= 4 else "iq3_xxs" if has_imatrix else "iq3_s"
+        return "q8_0" if model.n_expert == 8 else t
+    if name.endswith("attn_k.weight"):
+        return "q8_0" if model.n_expert == 8 else "iq2_s"
+    if name.endswith("attn_q.weight"):
+        return "iq2_s"
+    if "ffn_down" in name and not has_imatrix:
+        return "q4_k" if layer < model.n_layer // 8 else "q3_k"
+    if name.endswith("attn_output.weight"):
+        return "q5_k" if model.n_expert == 8 else "iq3_s"
+    return base
+
+
+def _iq3_rule(mix: str, base: str, name: str, model: ModelShape, layer: int) -> str:
+    """llama-quantize's rules for the IQ3_XS, IQ3_S and IQ3_M mixes (base IQ3_S; the output tensor follows the
+    K-mix rule, Q6_K): attn_v Q4_K (IQ3_M always, the others with GQA >= 4; Q8_0 with 8 experts), attn_k Q8_0 with
+    8 experts or IQ3_XXS in IQ3_XS, attn_q IQ3_XXS in IQ3_XS, IQ3_M's first eighth of ffn_down Q4_K, attn_output
+    Q5_K with 8 experts or Q4_K in IQ3_M, and IQ3_XS's ffn_gate / ffn_up IQ3_XXS outside the first and last eighth."""
+    n = model.n_layer
+    if name == "token_embd.weight":
+        return base
+    if name.endswith(("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")):
+        t = "q4_k" if mix == "iq3_m" or model.n_gqa >= 4 else base
+        return "q8_0" if model.n_expert == 8 else t
+    if name.endswith("attn_k.weight"):
+        return "q8_0" if model.n_expert == 8 else "iq3_xxs" if mix == "iq3_xs" else base
+    if name.endswith("attn_q.weight"):
+        return "iq3_xxs" if mix == "iq3_xs" else base
+    if "ffn_down" in name:
+        more = layer < n // 8 or (model.n_expert == 8 and use_more_bits(layer, n))
+        return "q4_k" if mix == "iq3_m" and more else base
+    if name.endswith("attn_output.weight"):
+        if model.n_expert == 8:
+            return "q5_k"
+        return "q4_k" if mix == "iq3_m" else base
+    if ("ffn_gate" in name or "ffn_up" in name) and mix == "iq3_xs" and n // 8 <= layer < 7 * n // 8:
+        return "iq3_xxs"
+    return base
+
+
+def imatrix_required(types: dict[str, str]) -> list[str]:
+    """Tensors of a mix assignment that llama-quantize refuses to make without an imatrix (every tensor typed as
+    one of :data:`IMATRIX_TYPES` except ``token_embd.weight`` and ``output.weight``)."""
+    return [n for n, t in types.items() if t in IMATRIX_TYPES and n not in ("token_embd.weight", "output.weight")]

@@ -20,7 +20,7 @@ from quantforge.kernels import _cpu_fast
 
 from quantforge.errors import InputError, UnsupportedFormat
 from quantforge.formats import get_format
-from quantforge.testing import ggml_quantize
+from helpers.reference import ggml_quantize
 
 TYPES = list(_cpu_fast.TYPES)
 
@@ -246,14 +246,16 @@ def test_env_torch_routes_codecs_to_the_reference(monkeypatch):
 
 
 def test_fixed_cost_is_milliseconds():
-    """Import, library load and a first call in a fresh process take milliseconds (no JIT compile): well under
-    the 20 ms budget measured on a 2-core machine, with headroom for a loaded CI runner."""
-    code = ("import time, torch\nw = torch.randn(4, 256)\nt = time.perf_counter()\n"
+    """Import, library load and a first call in a fresh process take milliseconds (no JIT compile): under a 20 ms
+    budget of CPU time (measured 7-10 ms on a 2-core machine; CPU time, so a loaded runner does not count against
+    it), and under 0.2 s of wall time."""
+    code = ("import time, torch\nw = torch.randn(4, 256)\nt, c = time.perf_counter(), time.process_time()\n"
             "from quantforge.kernels import _cpu_fast\nassert _cpu_fast.enabled(w)\n_cpu_fast.quantize('q4_k', w)\n"
-            "print(time.perf_counter() - t)")
+            "print(time.perf_counter() - t, time.process_time() - c)")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip()) < 0.2
+    wall, cpu = map(float, out.stdout.split())
+    assert cpu < 0.02 and wall < 0.2, (cpu, wall)
 
 
 def test_fp16_helpers_round_to_nearest_even():

@@ -19,7 +19,7 @@ from quantforge.kernels._triton import triton_available  # noqa: E402
 
 from quantforge.errors import UnsupportedFormat  # noqa: E402
 from quantforge.formats import get_format  # noqa: E402
-from quantforge.testing import interpreter_downcast  # noqa: E402
+from helpers.reference import interpreter_downcast  # noqa: E402
 
 bnb_f = pytest.importorskip("bitsandbytes.functional")
 

@@ -1,4 +1,4 @@
-"""Per type, our quantization error on SmolLM2 tensors is no worse than llama.cpp's (issue 3): llama.cpp's
+"""Per type, our quantization error on SmolLM2 tensors is no worse than llama.cpp's: llama.cpp's
 ``llama_model_quantize`` writes a pure-type file from our f16 GGUF, we read its tensors back with ``gguf`` and
 compare the squared error of its dequantized weights with ours for the same tensors and type."""
 
