@@ -1,0 +1,375 @@
+"""QLoRA training speed and memory: quantforge's trainer against HF transformers + PEFT + bitsandbytes, same GPU,
+same run, same checkpoint, plus a loss-curve comparison on the SmolLM2 shape.
+
+Model: Llama-3.1-8B shape (hidden 4096, 32 layers, 32/8 heads, MLP 14336, Llama-3 RoPE scaling), vocab 49152
+(SmolLM2 tokenizer), random bf16 weights written to disk as safetensors first, NF4 with double quantization, LoRA
+r=16 alpha=16 on all seven projections, AdamW (torch), train mode, gradient checkpointing in both (ours: offloaded
+to pinned CPU memory), SDPA in the reference; ours packs examples (FlashAttention varlen).
+
+Usage (on the GPU machine)::
+
+    python benchmarks/qlora.py --assets .bench/qlora --workdir /tmp/qlora [--layers 32] [--skip-reference]
+
+Prints tables (tokens/s, peak GiB, ratios) and writes them to ``--json`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SEQ = 2048
+LLAMA8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=128, rms_norm_eps=1e-5, vocab_size=49152, max_position_embeddings=131072,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+START = time.perf_counter()
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def write_model(out: Path, cfg: dict, assets: Path, seed: int = 0, std: float = 0.02) -> Path:
+    """Random bf16 Llama checkpoint (one shard per layer) with the SmolLM2 tokenizer files."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    d, f, h, kv, hd = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"],
+                       cfg["num_key_value_heads"], cfg["head_dim"])
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * std).to(torch.bfloat16).cpu()
+
+    weight_map = {}
+    n_layers = cfg["num_hidden_layers"]
+    for i in range(n_layers + 1):
+        if i < n_layers:
+            p = f"model.layers.{i}."
+            t = {p + "self_attn.q_proj.weight": rnd(h * hd, d), p + "self_attn.k_proj.weight": rnd(kv * hd, d),
+                 p + "self_attn.v_proj.weight": rnd(kv * hd, d), p + "self_attn.o_proj.weight": rnd(d, h * hd),
+                 p + "mlp.gate_proj.weight": rnd(f, d), p + "mlp.up_proj.weight": rnd(f, d),
+                 p + "mlp.down_proj.weight": rnd(d, f),
+                 p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+                 p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)}
+        else:
+            t = {"model.embed_tokens.weight": rnd(cfg["vocab_size"], d), "model.norm.weight": torch.ones(
+                d, dtype=torch.bfloat16)}
+            if not cfg.get("tie_word_embeddings", False):
+                t["lm_head.weight"] = rnd(cfg["vocab_size"], d)
+        name = f"model-{i:05d}.safetensors"
+        save_file(t, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in t})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    conf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 2, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": False, "dtype": "bfloat16", **cfg}
+    (out / "config.json").write_text(json.dumps(conf, indent=1))
+    for fname in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        (out / fname).write_bytes((assets / "smollm2" / fname).read_bytes())
+    return out
+
+
+def reset_peak() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# ----------------------------------------------------------------------------------------------------- ours
+def ours_load(path: Path, fmt: str = "nf4"):
+    from quantforge.train import LoraSpec, load_model
+
+    return load_model(path, lora=LoraSpec(rank=16, alpha=16.0), base_format=fmt, device="cuda", dtype="bf16")
+
+
+def ours_run(model, examples, batch_tokens: int, steps: int, warmup: int = 1):
+    """``steps`` timed optimizer steps (after ``warmup``) through the trainer's own step; (tokens/s, peak GiB,
+    losses)."""
+    from quantforge.train.config import TrainConfig
+    from quantforge.train.loop import Trainer
+
+    cfg = TrainConfig(batch_tokens=batch_tokens, max_seq_len=max(len(e) for e in examples),
+                      max_steps=steps + warmup, optimizer="adamw", lr=1e-4, eval_split=0.0)
+    model.train()
+    tr = Trainer(model, examples, [], cfg)
+    reset_peak()
+    for s in range(warmup):
+        tr.step(s)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    losses = []
+    for s in range(warmup, warmup + steps):
+        rec = tr.step(s)
+        tokens += rec["tokens"]
+        losses.append(rec["loss"])
+    dt = time.perf_counter() - t0
+    del tr
+    return tokens / dt, peak_gib(), losses
+
+
+def fixed_examples(n: int, seq: int, vocab: int, seed: int = 0):
+    from quantforge.train.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    return [Example(torch.randint(3, vocab, (seq,), generator=g).tolist(), [1] * seq) for _ in range(n)]
+
+
+def length_examples(lengths: list[int], vocab: int, seed: int = 0):
+    from quantforge.train.data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    return [Example(torch.randint(3, vocab, (n,), generator=g).tolist(), [1] * n) for n in lengths]
+
+
+# -------------------------------------------------------------------------------------------------- reference
+def hf_load(path: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                             attn_implementation="sdpa", device_map={"": 0})
+    m.config.use_cache = False
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.enable_input_require_grads()
+    m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                     task_type="CAUSAL_LM"))
+    m.train()
+    return m
+
+
+def hf_batches(examples, batch: int):
+    """Right-padded batches of ``batch`` examples as HF's default collator builds them (pad to the longest)."""
+    out = []
+    for i in range(0, len(examples), batch):
+        group = examples[i:i + batch]
+        n = max(len(e) for e in group)
+        ids = torch.full((len(group), n), 2, dtype=torch.long)
+        att = torch.zeros((len(group), n), dtype=torch.long)
+        lab = torch.full((len(group), n), -100, dtype=torch.long)
+        for j, e in enumerate(group):
+            ids[j, :len(e)] = torch.tensor(e.ids)
+            att[j, :len(e)] = 1
+            lab[j, :len(e)] = torch.tensor([t if m else -100 for t, m in zip(e.ids, e.loss_mask)])
+        out.append((ids, att, lab, sum(len(e) for e in group)))
+    return out
+
+
+def hf_step(model, opt, batch):
+    ids, att, lab, _ = batch
+    outp = model(input_ids=ids.cuda(), attention_mask=att.cuda(), labels=lab.cuda())
+    outp.loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(outp.loss.detach())
+
+
+def hf_run(model, batches, steps: int, warmup: int = 1):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    reset_peak()
+    for b in batches[:warmup]:
+        hf_step(model, opt, b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens = 0
+    for b in batches[warmup:warmup + steps]:
+        hf_step(model, opt, b)
+        tokens += b[3]
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    del opt
+    return tokens / dt, peak_gib()
+
+
+# ------------------------------------------------------------------------------------------------- benchmarks
+def dolly_examples(assets: Path, tok, limit: int):
+    from quantforge.train.data import detect_shape, tokenize_record
+
+    rows = [json.loads(line) for line in (assets / "dolly_1500.jsonl").read_text().splitlines()[:limit]]
+    shape = detect_shape(list(rows[0]))
+    out = [tokenize_record(tok, r, shape) for r in rows]
+    return [e for e in out if e is not None and len(e) <= 2048]
+
+
+def speed(args, path: Path, tok, results: dict) -> None:
+    vocab = LLAMA8B["vocab_size"]
+    dolly = dolly_examples(Path(args.assets), tok, 1500)
+    random.Random(0).shuffle(dolly)
+    lengths = [len(e) for e in dolly]
+    rows = []
+    t0 = time.perf_counter()
+    model = ours_load(path)
+    log(f"ours: loaded in {time.perf_counter() - t0:.1f}s, {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    for b in args.batches:
+        tps, pk, _ = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ, args.steps)
+        rows.append({"case": f"{SEQ} x {b}", "ours_tps": tps, "ours_gib": pk})
+        log(f"ours {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB")
+    var_ex = length_examples(lengths, vocab)
+    tps, pk, _ = ours_run(model, var_ex, args.var_tokens, args.steps)
+    var_row = {"case": f"Dolly lengths (ours packed {args.var_tokens} tok, ref batch {args.var_batch} padded)",
+               "ours_tps": tps, "ours_gib": pk}
+    log(f"ours dolly: {tps:,.0f} tok/s, {pk:.1f} GiB")
+    del model
+    reset_peak()
+    if not args.skip_reference:
+        t0 = time.perf_counter()
+        ref = hf_load(path)
+        log(f"reference: loaded in {time.perf_counter() - t0:.1f}s")
+        for row, b in zip(rows, args.batches):
+            ex = fixed_examples(b * (args.steps + 1), SEQ, vocab)
+            try:
+                tps, pk = hf_run(ref, hf_batches(ex, b), args.steps)
+            except torch.cuda.OutOfMemoryError:
+                tps, pk = None, None
+            row.update({"ref_tps": tps, "ref_gib": pk})
+            log(f"reference {SEQ}x{b}: {tps or 0:,.0f} tok/s, {pk or 0:.1f} GiB")
+        n_var = sum(1 for _ in range(0, len(var_ex), args.var_batch))
+        tps, pk = hf_run(ref, hf_batches(var_ex, args.var_batch)[:min(n_var, 4 * args.steps + 2)], 4 * args.steps,
+                         warmup=2)
+        var_row.update({"ref_tps": tps, "ref_gib": pk})
+        log(f"reference dolly: {tps:,.0f} tok/s, {pk:.1f} GiB")
+        del ref
+        reset_peak()
+    model = ours_load(path)
+    long_rows = []
+    last = 0.0
+    for n in args.long:
+        if time.perf_counter() - START + 4 * last > args.long_budget_s:
+            log(f"ours long {n}: not run (time budget of {args.long_budget_s:.0f}s for this script)")
+            break
+        try:
+            t_long = time.perf_counter()
+            tps, pk, _ = ours_run(model, fixed_examples(2, n, vocab), n, 1, warmup=0)
+            long_rows.append({"tokens": n, "ours_tps": tps, "ours_gib": pk})
+            last = time.perf_counter() - t_long
+            log(f"ours long {n}: {tps:,.0f} tok/s, {pk:.1f} GiB ({last:.0f}s)")
+        except torch.cuda.OutOfMemoryError:
+            long_rows.append({"tokens": n, "ours_tps": None, "ours_gib": None})
+            log(f"ours long {n}: out of memory")
+            break
+    results.update({"fixed": rows, "variable": var_row, "long": long_rows})
+
+
+def loss_curve(args, assets: Path, work: Path, results: dict) -> None:
+    """50 steps on the SmolLM2 shape: same initial adapter, data order and hyper-parameters; per-step losses."""
+    from transformers import AutoTokenizer
+
+    from quantforge.train.config import TrainConfig
+    from quantforge.train.loop import Trainer
+
+    cfg_small = json.loads((assets / "smollm2" / "config.json").read_text())
+    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "rms_norm_eps", "vocab_size", "max_position_embeddings", "num_hidden_layers", "rope_parameters")
+    shape = {k: cfg_small[k] for k in keep}
+    path = write_model(work / "smollm2-shape", {**shape, "tie_word_embeddings": False}, assets, seed=1, std=0.05)
+    tok = AutoTokenizer.from_pretrained(path)
+    examples = dolly_examples(assets, tok, 1500)
+    examples = [e for e in examples if len(e) <= 512]
+    steps = args.curve_steps
+    cfg = TrainConfig(batch_tokens=2048, max_seq_len=512, max_steps=steps, optimizer="adamw", lr=5e-4,
+                      schedule="constant", eval_split=0.0, max_grad_norm=1.0)
+    model = ours_load(path)
+    init = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in model.lora_modules().items()}
+    tr = Trainer(model, examples, [], cfg)
+    torch.manual_seed(0)
+    ours = [tr.step(s)["loss"] for s in range(steps)]
+    groups = [tr.schedule.micro_batch(s)[1] for s in range(steps)]
+    del tr, model
+    reset_peak()
+    ref = hf_load(path)
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in init and hasattr(mod, "lora_A"):
+                mod.lora_A["default"].weight.copy_(init[key][0])
+                mod.lora_B["default"].weight.copy_(init[key][1])
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.0)
+    theirs = [hf_step(ref, opt, hf_batches([examples[i] for i in g], len(g))[0]) for g in groups]
+    rel = [abs(a - b) / b for a, b in zip(ours, theirs)]
+    results["curve"] = {"ours": ours, "reference": theirs, "max_rel_diff": max(rel),
+                        "n_lora_copied": len(init)}
+    log(f"loss curve: max relative difference {max(rel):.4%} over {steps} steps "
+        f"(first {ours[0]:.4f} vs {theirs[0]:.4f}, last {ours[-1]:.4f} vs {theirs[-1]:.4f})")
+    del ref, opt
+    reset_peak()
+
+
+def _ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def print_tables(res: dict) -> None:
+    log("\n| case | HF+PEFT+bnb tok/s @ GiB | quantforge tok/s @ GiB | speed | memory |")
+    log("|---|---|---|---|---|")
+    for r in res.get("fixed", []) + ([res["variable"]] if "variable" in res else []):
+        ref = f"{r['ref_tps']:,.0f} @ {r['ref_gib']:.1f}" if r.get("ref_tps") else "-"
+        log(f"| {r['case']} | {ref} | {r['ours_tps']:,.0f} @ {r['ours_gib']:.1f} | "
+            f"{_ratio(r['ours_tps'], r.get('ref_tps'))} | {_ratio(r['ours_gib'], r.get('ref_gib'))} |")
+    if res.get("long"):
+        log("\n| tokens at batch 1 | quantforge tok/s @ GiB |")
+        log("|---|---|")
+        for r in res["long"]:
+            cell = f"{r['ours_tps']:,.0f} @ {r['ours_gib']:.1f}" if r["ours_tps"] else "out of memory"
+            log(f"| {r['tokens']:,} | {cell} |")
+    if "curve" in res:
+        c = res["curve"]
+        log(f"\nloss curve ({len(c['ours'])} steps): max |ours - ref| / ref = {c['max_rel_diff']:.4%}")
+        log("step: " + " ".join(f"{i + 1}:{a:.4f}/{b:.4f}" for i, (a, b) in enumerate(zip(c["ours"], c["reference"]))))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", default=".bench/qlora", help="SmolLM2 tokenizer/config and Dolly records")
+    ap.add_argument("--workdir", default="/tmp/qlora")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--var-tokens", type=int, default=16384)
+    ap.add_argument("--var-batch", type=int, default=8)
+    ap.add_argument("--long", type=int, nargs="*", default=[32768, 65536, 131072, 262144])
+    ap.add_argument("--long-budget-s", type=float, default=400.0,
+                    help="skip longer sequences once the script would run past this many seconds")
+    ap.add_argument("--curve-steps", type=int, default=50)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-curve", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    assets, work = Path(args.assets), Path(args.workdir)
+    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    results: dict = {}
+    if not args.skip_curve:
+        loss_curve(args, assets, work, results)
+    if not args.skip_speed:
+        t0 = time.perf_counter()
+        path = write_model(work / "llama8b-shape", {**LLAMA8B, "num_hidden_layers": args.layers}, assets)
+        log(f"wrote the {args.layers}-layer 8B-shaped checkpoint in {time.perf_counter() - t0:.1f}s")
+        speed(args, path, AutoTokenizer.from_pretrained(path), results)
+    print_tables(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
