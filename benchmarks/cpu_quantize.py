@@ -58,13 +58,15 @@ print(json.dumps({"imports": t1 - t0, "call": t2 - t1, "quantize": spent[0]}))
 LLAMA = """
 import json, os, sys, time
 t0 = time.perf_counter()
-from quantforge.testing import quantize_with_llama_cpp
+sys.path.insert(0, sys.argv[4])
+from helpers.reference import quantize_with_llama_cpp
 import llama_cpp
 t1 = time.perf_counter()
 quantize_with_llama_cpp(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 t2 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "call": t2 - t1}))
 """
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # the llama.cpp reference helpers live with the tests
 
 
 def run(code: str, args: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -142,7 +144,7 @@ def main() -> None:
             ours, llama = [], []
             for _ in range(args.repeats):
                 ours.append(run(OURS, [model, str(ours_out), mix], {}))
-                llama.append(run(LLAMA, [str(f16), str(llama_out), str(MIXES[mix])], {}))
+                llama.append(run(LLAMA, [str(f16), str(llama_out), str(MIXES[mix]), str(TESTS)], {}))
 
             def low(runs: list[dict[str, float]], key: str) -> float:
                 return min(r[key] for r in runs)

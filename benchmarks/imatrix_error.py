@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from quantforge import fixtures
-    from quantforge.calibration.imatrix import load_imatrix
+    from quantforge.imatrix import load_imatrix
     from quantforge.exporters.gguf import export_gguf
     from quantforge.formats import get_format
     from quantforge.plan import Plan, TensorChoice, save_plan

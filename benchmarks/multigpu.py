@@ -188,7 +188,7 @@ def main() -> None:
                     (out / f"q4_k_m-{n}.gguf").unlink()
 
     if "calibrate" not in args.skip:
-        from quantforge.calibration.imatrix import load_imatrix
+        from quantforge.imatrix import load_imatrix
         from quantforge.calibration.pipeline import CalibrationSettings, calibrate
 
         shared = Path(os.environ.get("QUANTFORGE_DATA", ROOT.parent / "shared" / "data"))

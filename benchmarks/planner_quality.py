@@ -358,7 +358,8 @@ def main() -> int:
              f"c4_demo.jsonl, equal shares, {n_chunks} x {ctx}); llama-imatrix ran on the decoded text of the same "
              f"chunks. Sensitivity: {args.holdout_tokens} held-out tokens, measure={args.measure} "
              f"({sens['n_measured']} pairs measured), proxy {fit['chosen']}"
-             + (f" (leave-one-out log-RMSE {chosen['loo_rmse_log']}, Spearman {chosen['spearman']})" if chosen else "")
+             + (" (leave-one-out log-RMSE / Spearman of each proxy: " + ", ".join(
+                 f"{f['proxy']} {f['loo_rmse_log']} / {f['spearman']}" for f in fit["fits"]) + ")" if chosen else "")
              + f". Evaluation: llama-perplexity --kl-divergence vs our f16 GGUF, {args.eval_chunks} x {ctx} tokens of "
              f"wiki.test.raw (second-half scoring). Plans applied by "
              f"{APPLIED[args.apply]}. "

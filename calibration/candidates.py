@@ -17,11 +17,6 @@ from ..presets import FALLBACK
 DEFAULT_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0", "nf4")
 SMALL_ROW_TYPES = ("q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0")
 TOP = "f16"
-NF4_BLOCK = 64
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
 
 
 def parse_candidates(text: str | None) -> list[str]:
@@ -71,19 +66,13 @@ def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
 
 
 def nf4_round_trip(weight: Any) -> Any:
-    """bitsandbytes NF4 (blocksize 64 over the flattened tensor, fp32 absmax) quantize + dequantize."""
+    """bitsandbytes NF4 (registry block size over the flattened tensor, fp32 absmax) quantize + dequantize."""
     import torch
 
-    flat = weight.reshape(-1).float()
-    pad = (-flat.numel()) % NF4_BLOCK
-    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, NF4_BLOCK)
-    absmax = blocks.abs().amax(1, keepdim=True)
-    scaled = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=flat.device)
-    mids = (code[1:] + code[:-1]) / 2
-    idx = torch.bucketize(scaled, mids)
-    out = code[idx] * absmax
-    return out.reshape(-1)[: flat.numel()].reshape(weight.shape)
+    from ..kernels import nf4
+
+    packed, state = nf4.quantize_4bit(weight, "nf4")
+    return nf4.dequantize_4bit(packed, state, torch.float32)
 
 
 def nbytes(fmt: str, shape: tuple[int, ...]) -> int:
@@ -92,5 +81,5 @@ def nbytes(fmt: str, shape: tuple[int, ...]) -> int:
         n = 1
         for d in shape:
             n *= d
-        return n // 2 + 4 * -(-n // NF4_BLOCK)
+        return n // 2 + 4 * -(-n // get_format("nf4").block_size)
     return get_format(fmt).nbytes(shape)

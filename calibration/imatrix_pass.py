@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+from ..imatrix import Imatrix
 from .hooks import capture_inputs, linear_modules
-from .imatrix import Imatrix, ImatrixAccumulator
+from .imatrix import ImatrixAccumulator
 from .refs import Contexts, TensorRef, batches
 from .runner import DecoderRunner
 from .settings import Progress, no_progress
@@ -34,10 +37,27 @@ def collect_imatrix(runner: DecoderRunner, refs: list[TensorRef], chunks: list[l
         hs = [runner.embed(b).to(keep) for b in batches(chunks, batch_size)]
         for i in progress(range(runner.n_layers), total=runner.n_layers, desc="imatrix", unit="layer"):
             mods = {names[id(m)]: m for m in linear_modules(runner.layers[i]).values() if id(m) in names}
-            with runner.on_device(i), capture_inputs(mods, acc.add):
+            with runner.on_device(i), capture_inputs(mods, acc.add), expert_inputs(runner.layers[i], i, acc):
                 for b, h in enumerate(hs):
                     h = h.to(runner.device)
                     hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
     if group.distributed:
         acc.all_reduce(group)
     return acc.result(datasets, n_chunks, ctx_len)
+
+
+@contextlib.contextmanager
+def expert_inputs(layer: Any, i: int, acc: ImatrixAccumulator) -> Iterator[None]:
+    """Route the per-expert inputs of layer ``i``'s stacked experts (if any) into ``acc`` inside the block."""
+    from .moe import layer_experts
+
+    experts = layer_experts(layer)
+    if experts is None:
+        yield
+        return
+    n_mat = experts.n_experts
+    experts.sink = lambda kind, e, x: acc.add_expert(f"blk.{i}.ffn_{kind}_exps.weight", e, n_mat, x)
+    try:
+        yield
+    finally:
+        experts.sink = None

@@ -36,11 +36,11 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
               force: bool = False) -> CalibrationResult:
     """Write ``imatrix.gguf``, ``sensitivity.json``, ``sensitivity.png`` and ``manifest.json`` into ``out``,
     reusing what a previous run with the same model, data and settings left there."""
-    from ..exporters.gguf.arch import arch_for
+    from ..arch import arch_for
+    from ..imatrix import load_imatrix, save_imatrix_gguf
     from ..io import check_output
     from ..model_source import ModelSource
     from .data import file_digest, load_chunks
-    from .imatrix import load_imatrix, save_imatrix_gguf
 
     s = settings or CalibrationSettings()
     s.validate()

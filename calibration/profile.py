@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..imatrix import Imatrix
 from . import candidates as cand
 from . import sensitivity as sens
 from .hooks import swapped_weight, weight_grads
-from .imatrix import Imatrix
 from .refs import Contexts, TensorRef
 from .runner import DecoderRunner
 from .settings import CalibrationSettings, Progress, no_progress
@@ -49,10 +49,17 @@ class Profiler:
         return self.runner.device if self.runner.resident else torch.device("cpu")
 
     def _imat(self, ref: TensorRef) -> Any:
+        """The imatrix the codecs get for ``ref``. A stacked expert tensor has one slice per expert; its
+        sensitivity is estimated with the token-weighted mean over experts (the exported GGUF uses each
+        expert's own slice, as llama.cpp does)."""
         import torch
 
-        v = self.imatrix.for_tensor(ref.gguf_name)
-        return None if v is None else torch.as_tensor(v, dtype=torch.float32)
+        e = self.imatrix.entries.get(ref.gguf_name)
+        if e is None:
+            return None
+        if e.in_sum2.shape[0] > 1:
+            return torch.as_tensor(e.in_sum2.sum(0) / max(float(e.counts.sum()), 1.0), dtype=torch.float32)
+        return torch.as_tensor(self.imatrix.for_tensor(ref.gguf_name), dtype=torch.float32)
 
     def forward_cache(self) -> None:
         """Inputs of every layer (``self.h[i][c]``, ``[1, T, H]``) and base log-probs per held-out chunk."""
@@ -145,9 +152,7 @@ class Profiler:
         w = self.runner.decoder.embed_tokens.weight
         acc = self.accumulate_on
         f = torch.zeros_like(w, dtype=torch.float32, device=acc)
-        scale = 1.0
-        if getattr(self.runner.config, "model_type", "") in ("gemma", "gemma2"):
-            scale = float(self.runner.config.hidden_size) ** 0.5
+        scale = self.runner.embed_scale
         for c, row in grads.items():
             uniq, inv = torch.unique(torch.as_tensor(self.ids[c], device=acc), return_inverse=True)
             for g in row:

@@ -29,7 +29,7 @@ class TensorRef:
 
 def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[TensorRef]:
     """Every quantizable weight: the linears of each layer, the token embedding, and an untied output."""
-    from ..exporters.gguf.arch import gguf_name
+    from ..arch import gguf_name
 
     names = {id(m): n for n, m in runner.model.named_modules()}
     refs: list[TensorRef] = []
@@ -48,11 +48,27 @@ def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[
             if "nf4" in requested:
                 types = [*types[:-1], "nf4", types[-1]]
             refs.append(TensorRef(g, hf, g.split(".")[2], i, mod, types))
+        refs.extend(_expert_refs(layer, i, names, requested))
     if not runner.tied:
         head = runner.lm_head
         refs.append(TensorRef("output.weight", names[id(head)] + ".weight", "output", None, head,
                               cand.gguf_candidates(requested, int(head.weight.shape[1]))))
     return refs
+
+
+def _expert_refs(layer: Any, i: int, names: dict[int, str], requested: list[str]) -> list[TensorRef]:
+    """One ref per stacked expert tensor of layer ``i`` (``blk.i.ffn_{gate,up,down}_exps``), if it has experts."""
+    from .moe import layer_experts
+
+    experts = layer_experts(layer)
+    if experts is None:
+        return []
+    out = []
+    for kind, slot in experts.slots().items():
+        g = f"blk.{i}.ffn_{kind}_exps.weight"
+        out.append(TensorRef(g, names[id(slot)] + ".weight", f"ffn_{kind}_exps", i, slot,
+                             cand.gguf_candidates(requested, int(slot.weight.shape[1]))))
+    return out
 
 
 def batches(chunks: list[list[int]], size: int) -> list[list[list[int]]]:

@@ -9,6 +9,7 @@ cached input of any layer. Weights stay on the CPU unless the whole model fits t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from typing import Any
 from ..errors import UnsupportedArch
 
 _SCALED_EMBEDDING = ("gemma", "gemma2")
+"""Models whose decoder multiplies the token embeddings by sqrt(hidden) outside the embedding module."""
+_GEMMA = ("gemma", "gemma2", "gemma3", "gemma3_text")
+"""Models that scale the embeddings by sqrt(hidden) at all (Gemma 3 does it inside its embedding module)."""
 
 
 @dataclass
@@ -64,6 +68,9 @@ class DecoderRunner:
                                       "supports Llama/Mistral/Qwen/Gemma-style decoders")
         self.decoder = decoder
         self.layers = decoder.layers
+        from .moe import stack_experts
+
+        stack_experts(model)
         self.lm_head = model.get_output_embeddings()
         self.device = torch.device(device)
         if resident is None:
@@ -75,6 +82,12 @@ class DecoderRunner:
         else:
             for m in self._always:
                 m.to(self.device)
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor between the embedding rows and the hidden states entering layer 0."""
+        gemma = getattr(self.config, "model_type", "") in _GEMMA
+        return float(self.config.hidden_size) ** 0.5 if gemma else 1.0
 
     @property
     def n_layers(self) -> int:
@@ -115,7 +128,12 @@ class DecoderRunner:
         from transformers import masking_utils
 
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        pe = self.decoder.rotary_emb(h, position_ids=pos)
+        types = getattr(self.config, "layer_types", None)
+        if types and "layer_type" in inspect.signature(self.decoder.rotary_emb.forward).parameters:
+            # Gemma 3: local and global layers rotate with different bases
+            pe = {t: self.decoder.rotary_emb(h, pos, t) for t in sorted(set(types))}
+        else:
+            pe = self.decoder.rotary_emb(h, position_ids=pos)
         kw = {"config": self.config, "inputs_embeds": h, "attention_mask": None, "past_key_values": None,
               "position_ids": pos}
         masks = {"full_attention": masking_utils.create_causal_mask(**kw)}
@@ -127,8 +145,11 @@ class DecoderRunner:
         """Hidden states leaving layer ``i`` (the layer must be on the device: see :meth:`on_device`)."""
         types = getattr(self.config, "layer_types", None)
         mask = ctx.masks.get(types[i] if types else "full_attention", ctx.masks["full_attention"])
-        out = self.layers[i](h, attention_mask=mask, position_ids=ctx.position_ids,
-                             position_embeddings=ctx.position_embeddings, use_cache=False)
+        pe = ctx.position_embeddings
+        if isinstance(pe, dict):
+            pe = pe[types[i]]
+        out = self.layers[i](h, attention_mask=mask, position_ids=ctx.position_ids, position_embeddings=pe,
+                             use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, h: Any) -> Any:

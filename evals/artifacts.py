@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..inspect import describe
+from ..inspect import describe, mix_label
 from .engines import artifact_kind
 
 FORMAT_NAMES = {"gguf": "gguf", "bnb4": "bnb4", "checkpoint": "hf"}
@@ -61,7 +61,7 @@ def describe_artifact(path: str | os.PathLike[str], n_weights: int | None = None
     bpw = 8.0 * report.total_bytes / max(params, 1)
     plan = None
     if kind == "gguf":
-        qtype = gguf_type(report.metadata)
+        qtype = mix_label(report) or gguf_type(report.metadata)
         size = p.stat().st_size
         plan = report.metadata.get(PLAN_KEY)
     else:

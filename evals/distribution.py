@@ -18,10 +18,28 @@ DEFAULT_CACHE_BYTES = 2 << 30
 ROW_BLOCK = 64
 
 
+PREFIX_CHARS_PER_TOKEN = 16
+"""With a chunk count, only a prefix of the text this many characters per needed token long is tokenized (English
+BPE averages ~4); the chunks are checked to be those of the whole text's tokens (see :func:`prepare_chunks`)."""
+
+
 def prepare_chunks(reference: Engine, text: str, n_ctx: int = 512, n_chunks: int | None = None) -> list[list[int]]:
-    """Tokenize ``text`` with the reference tokenizer (special tokens as it adds them) and chunk it."""
+    """Tokenize ``text`` with the reference tokenizer (special tokens as it adds them) and chunk it.
+
+    With ``n_chunks`` only a prefix of the text is tokenized (the whole WikiText-2 test takes seconds, a few chunks
+    a fraction of that). The prefix holds at least one more chunk's worth of tokens than needed, so the tokens
+    used never touch the cut, where they could differ from the whole text's; if it is too short, the whole text
+    is tokenized."""
+    bos = reference.bos_id if reference.add_bos else None
+    if n_chunks:
+        need = (n_chunks + 1) * n_ctx
+        cut = need * PREFIX_CHARS_PER_TOKEN
+        if cut < len(text):
+            tokens = reference.encode(text[:cut], add_special=True)
+            if len(tokens) >= need:
+                return metrics.make_chunks(tokens, n_ctx, n_chunks, bos)
     tokens = reference.encode(text, add_special=True)
-    return metrics.make_chunks(tokens, n_ctx, n_chunks, reference.bos_id if reference.add_bos else None)
+    return metrics.make_chunks(tokens, n_ctx, n_chunks, bos)
 
 
 def scored_logits(engine: Engine, chunk: Sequence[int]) -> Any:
@@ -39,6 +57,10 @@ class ReferenceLogits:
         self.cache_bytes = cache_bytes
         self._cache: dict[int, Any] = {}
         self._held = 0
+
+    def complete(self) -> bool:
+        """Whether every chunk's logits are held (so they can be written to the on-disk cache)."""
+        return len(self._cache) == len(self.chunks)
 
     def __getitem__(self, i: int) -> Any:
         if i in self._cache:
@@ -83,7 +105,15 @@ def score(engine: Engine, chunks: Sequence[Sequence[int]], reference: ReferenceL
     return stats.summary()
 
 
-def tokenizer_agrees(reference: Engine, engine: Engine, text: str, n_chars: int = 4000) -> bool:
+PROBE_CHARS = 4000
+
+
+def tokenizer_probe(engine: Engine, text: str, n_chars: int = PROBE_CHARS) -> list[int]:
+    """The ids ``engine`` gives the start of ``text``: compared between reference and artifact (and cached with
+    the reference's logits, so the check needs no reference model)."""
+    return list(engine.encode(text[:n_chars], add_special=True))
+
+
+def tokenizer_agrees(reference: Engine, engine: Engine, text: str, n_chars: int = PROBE_CHARS) -> bool:
     """Whether both tokenizers give the same ids for the start of ``text`` (the metrics feed reference ids)."""
-    sample = text[:n_chars]
-    return reference.encode(sample, add_special=True) == engine.encode(sample, add_special=True)
+    return tokenizer_probe(reference, text, n_chars) == tokenizer_probe(engine, text, n_chars)

@@ -399,11 +399,8 @@ def load_gguf_torch(path: str | os.PathLike[str], dtype: str | None = None, devi
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = _require_gguf(path)
-    try:
-        from ..exporters.gguf.reader import load_hf_state_dict
-    except ImportError as exc:
-        raise InputError("engine=torch needs quantforge.exporters.gguf.reader (the GGUF reader); "
-                         "use engine=llama.cpp meanwhile") from exc
+    from ..gguf_reader import load_hf_state_dict
+
     config_dict, state = load_hf_state_dict(p, dtype=torch.float32, device="cpu")
     cfg = dict(config_dict)
     model_type = cfg.pop("model_type")

@@ -70,30 +70,103 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Quality against size: mean KLD (log scale) and PPL against size in MiB, one labelled point per artifact."""
+    """Write :func:`figure` as a PNG."""
+    figure(results).savefig(str(path), format="png")
+
+
+def figure(results: dict[str, Any]) -> Any:
+    """Quality against size: mean KLD (log scale) and PPL against size in plain MiB (no offset notation), one
+    labelled point per artifact; labels of crowded points are moved apart and tied to their point by a line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     rows = [results["reference"], *results["artifacts"]]
-    fig = Figure(figsize=(10, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = Figure(figsize=(11, 4.8), dpi=110)
+    canvas = FigureCanvasAgg(fig)
     panels = (("kld_mean", "mean KLD vs reference (nats)"), ("ppl", "perplexity"))
+    axes = []
     for j, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, 2, j + 1)
         pts = [(r["size_bytes"] / 2**20, r["metrics"].get(key), r["name"]) for r in rows]
         pts = [(x, y, n) for x, y, n in pts if isinstance(y, (int, float)) and (key != "kld_mean" or y > 0)]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=28, color="tab:blue")
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=28, color="tab:blue", zorder=3)
+            xs = [p[0] for p in pts]
+            pad = max((max(xs) - min(xs)) * 0.08, 1.0)
+            ax.set_xlim(min(xs) - pad, max(xs) + pad * 2.5)
         if key == "kld_mean" and pts:
             ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}" if abs(v) >= 10 else f"{v:.3g}"))
         ax.set_xlabel("size (MiB)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        axes.append((ax, pts))
     fig.suptitle(f"quality vs size (reference: {results['reference']['name']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(str(path), format="png")
+    canvas.draw()
+    for ax, pts in axes:
+        _label_points(ax, pts)
+    canvas.draw()
+    return fig
+
+
+LABEL_OFFSETS = ((5, 4), (5, -11), (-5, 4), (-5, -11), (5, 15), (-5, 15), (5, -22), (-5, -22))
+"""Candidate label positions around a point (points, x then y); negative x puts the label on the left."""
+
+
+def _label_points(ax: Any, pts: list[tuple[float, float, str]]) -> None:
+    """Place each name at the first candidate offset whose box overlaps no placed label and no other point;
+    when none is free, stack it below the others at the panel's right with a thin line to its point."""
+    fontsize = 7
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    scale = fig.dpi / 72.0
+    marks = [ax.transData.transform((x, y)) for x, y, _ in pts]
+    taken: list[tuple[float, float, float, float]] = []
+    stacked = 0
+    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], pts[i][1]))
+    for i in order:
+        x, y, name = pts[i]
+        probe = ax.text(0, 0, name, fontsize=fontsize)
+        ext = probe.get_window_extent(renderer=renderer)
+        probe.remove()
+        w, h = ext.width, ext.height
+        px, py = marks[i]
+        placed = None
+        for dx, dy in LABEL_OFFSETS:
+            x0 = px + dx * scale - (w if dx < 0 else 0)
+            box = (x0, py + dy * scale, x0 + w, py + dy * scale + h)
+            if not _overlaps(box, taken) and not _covers(box, marks, i) and _inside(box, ax):
+                placed = (dx, dy, box)
+                break
+        if placed is not None:
+            dx, dy, box = placed
+            taken.append(box)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                        ha="right" if dx < 0 else "left")
+            continue
+        bbox = ax.get_window_extent(renderer=renderer)
+        tx, ty = bbox.x1 - w - 4 * scale, bbox.y1 - (stacked + 1) * (h + 3 * scale)
+        stacked += 1
+        taken.append((tx, ty, tx + w, ty + h))
+        ax.annotate(name, (x, y), xytext=(tx, ty), textcoords="figure pixels", fontsize=fontsize,
+                    arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6})
+
+
+def _overlaps(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]]) -> bool:
+    return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
+
+
+def _covers(box: tuple[float, float, float, float], marks: list[Any], own: int) -> bool:
+    r = 3.0
+    return any(j != own and box[0] - r < mx < box[2] + r and box[1] - r < my < box[3] + r
+               for j, (mx, my) in enumerate(marks))
+
+
+def _inside(box: tuple[float, float, float, float], ax: Any) -> bool:
+    b = ax.get_window_extent()
+    return b.x0 <= box[0] and box[2] <= b.x1 and b.y0 <= box[1] and box[3] <= b.y1
 
 
 def output_paths(out: str | os.PathLike[str]) -> tuple[Path, Path, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InputError
-from . import distribution, schema
+from . import cache, distribution, schema
 from .artifacts import describe_artifact
 from .data import wikitext2_test
 from .engines import Engine, HFEngine, open_engine
@@ -94,8 +94,12 @@ def _task_metrics(engine: Engine, settings: EvalSettings, log: Callable[[str], N
 
 
 def evaluate(artifacts: Sequence[str | Path], reference: str | Path, settings: EvalSettings,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Score every artifact against ``reference``; returns a schema-valid results document (no ``gate``)."""
+             log: Callable[[str], None] | None = None, use_cache: bool = True) -> dict[str, Any]:
+    """Score every artifact against ``reference``; returns a schema-valid results document (no ``gate``).
+
+    With ``use_cache`` the reference's scored logits and task results are read from (or written to) the
+    on-disk cache of :mod:`.cache`, so a second run against the same reference, text and settings never loads
+    the reference model. Cached and fresh numbers are identical."""
     log = log or (lambda _msg: None)
     if not artifacts:
         raise InputError("name at least one artifact to evaluate")
@@ -104,24 +108,25 @@ def evaluate(artifacts: Sequence[str | Path], reference: str | Path, settings: E
     if dupes:
         raise InputError(f"artifact names must be unique (the gate matches by name); repeated: {', '.join(dupes)}")
     text, text_path = _read_text(settings.text)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def progress(i: int, n: int) -> None:
         log(f"  chunk {i}/{n}")
 
-    log(f"reference {reference}")
-    ref = settings.open(reference)
+    side = _ReferenceSide(reference, settings, log, use_cache)
     try:
-        chunks = distribution.prepare_chunks(ref, text, settings.n_ctx, settings.n_chunks)
-        ref_logits = distribution.ReferenceLogits(ref, chunks)
-        ref_metrics = distribution.score(ref, chunks, ref_logits, on_chunk=progress, reuse_reference=True)
-        task_metrics, task_info = _task_metrics(ref, settings, log)
-        ref_entry = _entry(reference, ref, {**ref_metrics, **task_metrics}, True)
+        ref_logits, ref_metrics, probe, ref_info = side.distribution(text, text_sha, progress)
+        chunks = ref_logits.chunks
+        task_metrics, task_info = side.tasks()
+        ref_entry = {**ref_info, "metrics": {**ref_metrics, **task_metrics}}
+        if side.fresh_logits is None:
+            side.release()
         entries = []
         for path in artifacts:
             log(f"artifact {path}")
             engine = settings.open(path)
             try:
-                agree = distribution.tokenizer_agrees(ref, engine, text)
+                agree = distribution.tokenizer_probe(engine, text) == probe
                 dist = distribution.score(engine, chunks, ref_logits, llamacpp_base=settings.llamacpp_base,
                                           on_chunk=progress)
                 tmetrics, tinfo = _task_metrics(engine, settings, log)
@@ -130,7 +135,7 @@ def evaluate(artifacts: Sequence[str | Path], reference: str | Path, settings: E
             finally:
                 engine.close()
     finally:
-        ref.close()
+        side.release()
     results = {
         "schema_version": schema.SCHEMA_VERSION,
         "quantforge_version": __version__,
@@ -139,13 +144,97 @@ def evaluate(artifacts: Sequence[str | Path], reference: str | Path, settings: E
         "lm_eval_version": _lm_eval_version() if settings.tasks else None,
         "settings": {
             "n_ctx": settings.n_ctx, "n_chunks": len(chunks), "text": str(text_path), "text_name": text_path.name,
-            "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "limit": settings.limit,
+            "text_sha256": text_sha, "limit": settings.limit,
             "kld_base": "llama.cpp-u16" if settings.llamacpp_base else "exact", "device": settings.device,
             "task_source": settings.task_source, "gguf_engine": settings.engine or "llama.cpp",
             "llamacpp_flash_attn": bool(settings.engine_opts.get("flash_attn", True)),
+            "reference_from_cache": side.from_cache,
         },
         "tasks": task_info,
         "reference": ref_entry,
         "artifacts": entries,
     }
     return schema.validate(schema.clean(results))
+
+
+class _ReferenceSide:
+    """The reference's logits, metrics and task results: from the cache when present, else computed (the model
+    opened on first need and closed by :meth:`release` before the artifacts run) and then cached."""
+
+    def __init__(self, reference: str | Path, settings: EvalSettings, log: Callable[[str], None],
+                 use_cache: bool) -> None:
+        self.reference = reference
+        self.settings = settings
+        self.log = log
+        self.use_cache = use_cache
+        self.engine: Engine | None = None
+        self.fresh_logits: distribution.ReferenceLogits | None = None
+        self.from_cache = False
+        s = settings
+        self.engine_key = {"engine": s.engine, "dtype": s.dtype, "device": s.device,
+                           "flash_attn": s.engine_opts.get("flash_attn", True), "batch_size": s.batch_size}
+
+    def open(self) -> Engine:
+        if self.engine is None:
+            self.log(f"reference {self.reference}")
+            self.engine = self.settings.open(self.reference)
+        return self.engine
+
+    def release(self) -> None:
+        """Close the reference model. Before the artifacts run this is done only when its scored logits are all
+        in memory (``fresh_logits`` is ``None``); otherwise they are recomputed per chunk and the model stays."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def distribution(self, text: str, text_sha: str,
+                     progress: Callable[[int, int], None]) -> tuple[Any, dict[str, Any], list[int], dict[str, Any]]:
+        """``(logits, metrics, tokenizer probe, artifact entry without metrics)`` of the reference."""
+        s = self.settings
+        key = (cache.reference_key(self.reference, self.engine_key, text_sha, s.n_ctx, s.n_chunks)
+               if self.use_cache else None)
+        hit = cache.load_reference(key) if key else None
+        if hit is not None:
+            self.from_cache = True
+            self.log(f"reference {self.reference}: {len(hit)} chunks of logits from the cache ({hit.folder})")
+            return hit, hit.meta["metrics"], hit.meta["probe"], hit.meta["entry"]
+        ref = self.open()
+        chunks = distribution.prepare_chunks(ref, text, s.n_ctx, s.n_chunks)
+        logits = distribution.ReferenceLogits(ref, chunks)
+        metrics = distribution.score(ref, chunks, logits, on_chunk=progress, reuse_reference=True)
+        probe = distribution.tokenizer_probe(ref, text)
+        entry = {k: v for k, v in _entry(self.reference, ref, {}, True).items() if k != "metrics"}
+        if key and logits.complete():
+            meta = {"chunks": chunks, "metrics": metrics, "probe": probe, "entry": entry}
+            cache.save_reference(key, meta, logits)
+        if not logits.complete():
+            self.fresh_logits = logits
+            return logits, metrics, probe, entry
+        return _Held(logits), metrics, probe, entry
+
+    def tasks(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        s = self.settings
+        if not s.tasks:
+            return {}, {}
+        key = (cache.tasks_key(self.reference, self.engine_key, list(s.tasks), s.limit, s.seed, s.task_source,
+                               _lm_eval_version()) if self.use_cache else None)
+        hit = cache.load_tasks(key) if key else None
+        if hit is not None:
+            self.log(f"reference {self.reference}: task results from the cache")
+            return hit["metrics"], hit["tasks"]
+        metrics, info = _task_metrics(self.open(), s, self.log)
+        if key:
+            cache.save_tasks(key, metrics, info)
+        return metrics, info
+
+
+class _Held:
+    """Reference logits that are all in memory: indexable like :class:`~.distribution.ReferenceLogits` but holding
+    no model (so the reference engine can be closed before the artifacts are opened)."""
+
+    def __init__(self, logits: distribution.ReferenceLogits) -> None:
+        self.chunks = logits.chunks
+        self._items = [logits[i] for i in range(len(logits.chunks))]
+
+    def __getitem__(self, i: int) -> Any:
+        return self._items[i]

@@ -1,10 +1,11 @@
 """Sharded safetensors output shared by the bnb4 and hf16 exporters (and the merge stage), plus side files.
 
 :func:`write_sharded` streams ``(name, tensor)`` pairs into ``model.safetensors`` (one shard) or
-``model-0000i-of-0000N.safetensors`` and always writes ``model.safetensors.index.json`` (``metadata.total_size``
-and a sorted ``weight_map``). Given a *layout* (the names, dtypes and shapes that will arrive, in groups that must
-share a shard, such as a weight and its quantization state), each tensor is written at its final offset as it
-arrives and then dropped, so peak memory is one tensor. Without a layout, tensors are buffered one shard at a time.
+``model-0000i-of-0000N.safetensors``; with several shards it writes ``model.safetensors.index.json``
+(``metadata.total_size`` and a sorted ``weight_map``), with one none (as transformers' ``save_pretrained``
+does). Given a *layout* (the names, dtypes and shapes that will arrive, in groups that must share a shard,
+such as a weight and its quantization state), each tensor is written at its final offset as it arrives and then
+dropped, so peak memory is one tensor. Without a layout, tensors are buffered one shard at a time.
 
 Inside a shard, tensors are ordered as safetensors orders them (wider dtypes first, then by name), so every
 tensor is aligned to its element size. A tensor whose length is known only when it arrives (bitsandbytes'
@@ -260,7 +261,8 @@ def _finish(out: Path, written: list[tuple[Path, dict[str, dict[str, Any]]]]) ->
             weight_map[name] = fname
             total += e["data_offsets"][1] - e["data_offsets"][0]
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json(out / INDEX_NAME, index)
+    if n > 1:
+        write_json(out / INDEX_NAME, index)
     return index
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, PlanError, UnsupportedArch, UnsupportedFormat
+from ..formats import get_format
 from ..io import atomic_dir, check_output
 from ..model_source import ModelSource
 from ._shards import (
@@ -82,7 +83,7 @@ def _resolve_plan(plan: Any) -> Any:
         return plan
     from ..plan import load_plan
 
-    return load_plan(plan)
+    return load_plan(plan, target="bnb4")
 
 
 def skip_list(plan: Any, modules: ModelModules) -> list[str]:
@@ -114,7 +115,7 @@ def export_bnb4(model: str | os.PathLike[str], out: str | os.PathLike[str], quan
     import torch
 
     progress = progress or identity_progress
-    src = ModelSource.open(model)
+    src = model if isinstance(model, ModelSource) else ModelSource.open(model)
     if (src.config.get("quantization_config") or {}).get("quant_method"):
         raise InputError("the checkpoint is already quantized; pass the 16/32-bit original", path=src.path)
     plan = _resolve_plan(plan)
@@ -178,7 +179,7 @@ def _specs(src: ModelSource, name: str, quantize: bool, dtype: Any, double_quant
     if not quantize:
         return [TensorSpec(name, dtype if st_dtype.is_floating_point else st_dtype, info.shape)]
     n = src.numel(name)
-    blocks = -(-n // 64)
+    blocks = -(-n // get_format("nf4").block_size)
     specs = [TensorSpec(name, torch.uint8, ((n + 1) // 2, 1)),
              TensorSpec(f"{name}.absmax", torch.uint8 if double_quant else torch.float32, (blocks,)),
              TensorSpec(f"{name}.quant_map", torch.float32, (16,))]

@@ -60,8 +60,8 @@ def export_hf16(model: str | os.PathLike[str], out: str | os.PathLike[str], dtyp
     import torch
 
     progress = progress or identity_progress
-    target = torch_dtype(dtype, (torch.bfloat16, torch.float16))
-    src = ModelSource.open(model)
+    target = torch_dtype(dtype, (torch.bfloat16, torch.float16, torch.float32))  # fp32: merged LoRA models
+    src = model if isinstance(model, ModelSource) else ModelSource.open(model)
     qcfg = src.config.get("quantization_config") or {}
     if qcfg.get("quant_method") not in (None, "bitsandbytes") or qcfg.get("load_in_8bit"):
         raise UnsupportedFormat(f"cannot dequantize a {qcfg.get('quant_method')} checkpoint "

@@ -37,9 +37,9 @@ class UnsupportedFormat(InputError):
 
 
 class RegistryError(QuantforgeError):
-    """A format registration would duplicate a name or id (a programming error)."""
+    """A format registration would duplicate a name or id (a programming error: exit 3, like every bug)."""
 
-    exit_code = 1
+    exit_code = 3
 
 
 class OutputExists(InputError):
@@ -62,3 +62,39 @@ class RegressionError(QuantforgeError):
 
 class PublishError(InputError):
     """Publishing was refused or failed; nothing was committed."""
+
+
+class InternalError(QuantforgeError):
+    """An invariant of quantforge itself broke (e.g. an encoder wrote the wrong number of bytes): a bug to report,
+    never bad input. The CLI exits with :data:`BUG_EXIT_CODE` and shows the traceback under ``--verbose``."""
+
+    exit_code = 3
+
+
+BUG_EXIT_CODE = InternalError.exit_code
+"""Exit code of a bug: neither 1 (a failed regression gate) nor 2 (bad input)."""
+
+
+class MissingExtra(InputError):
+    """An optional dependency group (a pip extra) that this command needs is not installed."""
+
+    def __init__(self, what: str, extra: str, package: str) -> None:
+        self.extra = extra
+        super().__init__(f"{what} needs the '{package}' package, which the light install leaves out; "
+                         f"install it with: pip install 'quantforge[{extra}]'")
+
+
+class UnsupportedAdapter(InputError):
+    """An adapter type or construct quantforge cannot merge or export (DoRA, IA3, LoRA bias, ...)."""
+
+
+class AdapterMismatch(InputError):
+    """An adapter's module names or shapes do not match the base checkpoint."""
+
+
+class UntranslatableTemplate(InputError):
+    """A chat template uses a construct that has no Go-template (Ollama) equivalent."""
+
+
+class ImatrixRequired(InputError):
+    """The quant type cannot be made without an importance matrix (llama.cpp refuses it too)."""

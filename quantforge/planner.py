@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, PlanError
+from .formats import get_format
 from .plan import Plan, TensorChoice
 
 SENSITIVITY_VERSION = 1
@@ -241,7 +242,7 @@ def plan_gguf(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...
 def bnb4_bytes(n: int, double_quant: bool = False) -> int:
     """Bytes of ``n`` weights in bitsandbytes 4-bit: packed codes plus absmax per 64 (fp32, or uint8 plus an
     fp32 per 256 blocks with double quantization)."""
-    blocks = -(-n // 64)
+    blocks = -(-n // get_format("nf4").block_size)
     return n // 2 + (blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks)
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# The helpers package (tests/helpers: llama.cpp reference runs, the fake Hub) is not installed; with
+# --import-mode=importlib test modules are not put on sys.path either, so make it importable here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton reads TRITON_INTERPRET when a kernel is decorated (module import): set it before any test module
@@ -38,12 +43,11 @@ def smollm2_dithered_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared data folder (../shared/data from the repo root, or $QUANTFORGE_DATA)."""
-    env = os.environ.get("QUANTFORGE_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"shared data folder not found at {path}")
-    return path
+    """The shared data folder (../shared/data from the repo root, or $QUANTFORGE_DATA). Without it a test skips,
+    except in CI (``CI=true``), where it fails: CI must run every test."""
+    from helpers.ci import shared_data
+
+    return shared_data(Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +55,12 @@ def smollm2_gguf_f16(smollm2_dir, tmp_path_factory) -> Path:
     from quantforge.exporters.gguf import export_gguf
 
     return export_gguf(smollm2_dir, tmp_path_factory.mktemp("gguf") / "smollm2-f16.gguf", qtype="f16")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many fuzz cases each file reader ran (tests/test_fuzz_readers.py), whatever the output capture."""
+    fuzz = sys.modules.get("helpers.fuzz")
+    if fuzz is not None and fuzz.CASES:
+        terminalreporter.write_sep("-", "fuzzed readers: cases run")
+        for reader, n in sorted(fuzz.CASES.items()):
+            terminalreporter.write_line(f"{reader}: {n} cases")

@@ -160,12 +160,12 @@ def test_env_world_and_single_process_group(monkeypatch):
 def runs(tmp_path_factory, smollm2_dir, data_dir):
     """The single-process artifacts (in this process) and the 2-rank ones (two worker processes)."""
     import torch
-    from safetensors.torch import load_file, save_file
-
+    from helpers.reference import tiny_checkpoint
     from quantforge.calibration.pipeline import CalibrationSettings, calibrate
     from quantforge.exporters.gguf.writer import write_gguf
+    from safetensors.torch import load_file, save_file
+
     from quantforge.model_source import ModelSource
-    from quantforge.testing import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("dist")
     model = tiny_checkpoint("llama", root / "tiny", smollm2_dir)
@@ -236,7 +236,7 @@ def test_failure_on_another_rank_reaches_rank_0_with_its_type(runs):
 
 
 def test_two_ranks_calibrate_the_same_imatrix_and_sensitivity(runs):
-    from quantforge.calibration.imatrix import load_imatrix
+    from quantforge.imatrix import load_imatrix
 
     one, two, codes, _ = runs
     assert [c["calibrate"] for c in codes] == [0, 0]
@@ -276,6 +276,7 @@ def _close(a, b) -> bool:
 
 def test_one_process_driving_two_devices_writes_the_same_bytes(runs, tmp_path):
     from quantforge.exporters.gguf.writer import write_gguf
+
     from quantforge.model_source import ModelSource
 
     one, *_ = runs

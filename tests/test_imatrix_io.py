@@ -7,10 +7,10 @@ import struct
 
 import numpy as np
 import pytest
-
-from quantforge.calibration.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_gguf
-from quantforge.errors import CorruptCheckpoint
 from quantforge.exporters.gguf import export_gguf
+
+from quantforge.errors import CorruptCheckpoint
+from quantforge.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix_gguf
 
 
 def _write_dat(path, entries: dict[str, np.ndarray], ncall: int, dataset: str = "wiki.valid.raw"):

@@ -39,7 +39,27 @@ def test_dp_is_optimal_and_both_methods_fit(seed):
     lag = solve(items, budget, "lagrange")
     for choice in (coarse, lag):
         assert sum(o.nbytes for o in choice) <= budget
-        assert sum(o.cost for o in choice) >= best - 1e-12
+        # measured: optimal on 11 of these 12 problems, 2.2% above the optimum on the other
+        assert sum(o.cost for o in choice) <= COARSE_MAX_RATIO * best
+
+
+COARSE_MAX_RATIO = 1.025
+LARGE_MAX_RATIO = 1.006
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_coarse_solvers_are_near_optimal_on_large_problems(seed):
+    """60 tensors: the coarse DP (200 units) and the Lagrangian walk stay within 0.6% of the exact DP's cost
+    (measured: the coarse DP exact on all five, the Lagrangian walk 0.53% above on one)."""
+    rng = random.Random(100 + seed)
+    items = _random_items(rng, 60)
+    lo = sum(min(o.nbytes for o in it.options) for it in items)
+    hi = sum(max(o.nbytes for o in it.options) for it in items)
+    budget = rng.randint(lo, hi)
+    exact = sum(o.cost for o in solve(items, budget, "dp", resolution=hi))  # one unit per byte: exact
+    for choice in (solve(items, budget, "dp", resolution=200), solve(items, budget, "lagrange")):
+        assert sum(o.nbytes for o in choice) <= budget
+        assert exact <= sum(o.cost for o in choice) <= LARGE_MAX_RATIO * exact
 
 
 def test_budget_below_minimum_is_a_plan_error():
@@ -58,7 +78,7 @@ def test_hull_drops_dominated_and_concave_points():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    from quantforge.testing import tiny_checkpoint
+    from helpers.reference import tiny_checkpoint
 
     return tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir, init_std=0.05)
 
@@ -67,11 +87,11 @@ def _synthetic_calibration(model, folder, seed=0, with_imatrix=False):
     """A sensitivity table for ``model`` with made-up costs (cheaper formats cost more), as calibrate writes it."""
     from quantforge.calibration import candidates as cand
     from quantforge.calibration import store
-    from quantforge.exporters.gguf.arch import arch_for
-    from quantforge.exporters.gguf.writer import plan_tensors
 
+    from quantforge.arch import arch_for
     from quantforge.model_source import ModelSource
     from quantforge.presets import quantizable
+    from quantforge.tensor_layout import plan_tensors
 
     rng = random.Random(seed)
     src = ModelSource.open(model)
@@ -94,7 +114,7 @@ def _synthetic_calibration(model, folder, seed=0, with_imatrix=False):
     if with_imatrix:  # a made-up importance matrix over every layer weight's input columns
         import numpy as np
 
-        from quantforge.calibration.imatrix import Imatrix, ImatrixEntry, save_imatrix_gguf
+        from quantforge.imatrix import Imatrix, ImatrixEntry, save_imatrix_gguf
 
         entries = {n: ImatrixEntry(np.array([[rng.uniform(0.01, 4.0) for _ in range(t["shape"][-1])]],
                                             dtype=np.float32), np.array([64.0], dtype=np.float32))
@@ -148,9 +168,9 @@ def test_plan_applies_with_its_calibrations_imatrix(tmp_path, tiny):
     clear exit 2."""
     import shutil
 
-    from quantforge.cli.main import main
     from quantforge.exporters.gguf import export_gguf
 
+    from quantforge.cli.main import main
     from quantforge.plan import load_plan, save_plan
 
     cal = tmp_path / "cal"

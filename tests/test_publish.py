@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from quantforge.cli.main import main
-from quantforge.testing_hub import FakeHub
+from helpers.fake_hub import FakeHub
 
 TOKEN = "hf_TestTokenDoNotLeak0123456789abcdef"
 BASE = "HuggingFaceTB/SmolLM2-135M"
@@ -194,9 +194,13 @@ def test_card_metadata_validates_and_table_matches_results(arts):
         assert cells["Type"] == entry["type"] and cells["Size"] == fmt_size(sizes[row[0].strip("`/")])
         for col, key in cols.items():
             value = entry["bpw"] if key == "bpw" else entry["metrics"][key]
-            assert float(cells[col]) == pytest.approx(value, rel=5e-6, abs=0), (row[0], col)
+            shown, _, err = cells[col].partition(" ± ")
+            assert float(shown) == pytest.approx(value, rel=5e-6, abs=0), (row[0], col)
             if len(repr(value)) <= 7:
-                assert float(cells[col]) == value
+                assert float(shown) == value
+            err_key = {"kld_mean": "kld_err", "ppl": "ppl_err", "top1": "top1_err"}.get(key, key + "_stderr")
+            if key != "bpw" and entry["metrics"].get(err_key) is not None:
+                assert float(err) == pytest.approx(entry["metrics"][err_key], rel=0.06), (row[0], col)
     assert "calibration" in plan.card.lower() and "131072" in plan.card and "wiki.valid.raw" in plan.card
     assert "`tensors`: 12 entries" in plan.card
     assert f"llama-cli --hf-repo {REPO} --hf-file" in plan.card
@@ -319,7 +323,7 @@ def test_identical_republish_commits_nothing_and_private_is_not_downgraded(arts,
 
 
 def test_branch_moved_during_upload_commits_nothing(arts, hub_env, capsys):
-    from quantforge.testing_hub import Commit
+    from helpers.fake_hub import Commit
 
     def concurrent_push(repo):
         head = repo.head("main")

@@ -112,12 +112,15 @@ def _looks_control(text: str) -> bool:
 
 def _spm_vocab(spm_path: Path, folder: Path, n_vocab: int) -> Vocab:
     from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(spm_path))
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot read SentencePiece model ({exc})", path=spm_path) from exc
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.IdToPiece(i))
@@ -130,35 +133,40 @@ def _spm_vocab(spm_path: Path, folder: Path, n_vocab: int) -> Vocab:
             types.append(UNUSED)
         elif sp.IsByte(i):
             types.append(BYTE)
+        elif proto.pieces[i].type == pb.ModelProto.SentencePiece.USER_DEFINED:
+            types.append(USER_DEFINED)  # matched whole before any merge, as SentencePiece does (Gemma's turn markers)
         else:
             types.append(NORMAL)
-    tj = folder / "tokenizer.json"
-    if tj.is_file():
-        for added in _read_json(tj).get("added_tokens", []):
-            tid = int(added["id"])
-            if tid < len(tokens):
-                continue
-            while len(tokens) < tid:
-                tokens.append(f"[PAD{len(tokens)}]")
-                scores.append(-1000.0)
-                types.append(UNUSED)
-            tokens.append(added["content"])
+    for tid, added in sorted(_added_tokens(folder).items()):
+        if tid < len(types) and types[tid] in (UNKNOWN, CONTROL, BYTE):
+            continue
+        while len(tokens) <= tid:
+            tokens.append(f"[PAD{len(tokens)}]")
             scores.append(-1000.0)
-            types.append(CONTROL if added.get("special") else USER_DEFINED)
+            types.append(UNUSED)
+        special = added.get("special") or _looks_control(added["content"])
+        tokens[tid] = added["content"] if special else added["content"].replace("\u2581", " ")
+        scores[tid] = -1000.0
+        types[tid] = CONTROL if special else USER_DEFINED
     while len(tokens) < n_vocab:
         tokens.append(f"[PAD{len(tokens)}]")
         scores.append(-1000.0)
         types.append(UNUSED)
-    add_prefix = _spm_adds_prefix(sp)
-    return Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=add_prefix)
+    return Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=bool(
+        proto.normalizer_spec.add_dummy_prefix))
 
 
-def _spm_adds_prefix(sp: Any) -> bool:
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+def _added_tokens(folder: Path) -> dict[int, dict[str, Any]]:
+    """Tokens the HF tokenizer adds on top of (or re-labels inside) the SentencePiece vocabulary, by id:
+    ``tokenizer.json``'s ``added_tokens`` and ``tokenizer_config.json``'s ``added_tokens_decoder`` (the latter wins,
+    as in llama.cpp's converter); special ones become CONTROL tokens, the others USER_DEFINED."""
+    out: dict[int, dict[str, Any]] = {}
+    tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    if tj.is_file():
+        out.update({int(a["id"]): a for a in _read_json(tj).get("added_tokens", [])})
+    if tc.is_file():
+        out.update({int(i): a for i, a in (_read_json(tc).get("added_tokens_decoder") or {}).items()})
+    return out
 
 
 def write_tokenizer(writer: Any, path: Path, n_vocab: int) -> Vocab:

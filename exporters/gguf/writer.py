@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ... import __version__
-from ...errors import CorruptCheckpoint, InputError, MissingFile, PlanError
+from ... import arch as archmod
+from ...arch_hparams import resolve_arch, write_hparams
+from ...errors import CorruptCheckpoint, InputError, InternalError, MissingFile
 from ...formats import get_format
 from ...io import atomic_file, check_output
 from ...model_source import ModelSource
-from ...presets import ModelShape, get_mix, mix_types
-from . import arch as archmod
+from ...presets import get_mix
+from ...tensor_layout import TensorJob, assign_types, model_shape, plan_tensors
 from .tokenizer import write_tokenizer
 
 Progress = Callable[..., Iterable[Any]]
@@ -33,72 +33,6 @@ def _no_progress(items: Iterable[Any], **_: Any) -> Iterable[Any]:
     return items
 
 
-@dataclass
-class TensorJob:
-    """One output tensor: where it comes from, what it becomes."""
-
-    gguf_name: str
-    hf_name: str | None
-    shape: tuple[int, ...]
-    fmt: str = "f32"
-
-
-def _sort_key(name: str) -> tuple[int, int, str]:
-    m = re.match(r"^blk\.(\d+)\.(.*)$", name)
-    if m:
-        return (1, int(m.group(1)), m.group(2))
-    return (0 if name == "token_embd.weight" else 2, 0, name)
-
-
-def plan_tensors(src: ModelSource, spec: archmod.ArchSpec) -> list[TensorJob]:
-    """GGUF tensors of the model in llama.cpp's visiting order (block, then name), without loading data."""
-    cfg = src.text_config
-    tied = bool(cfg.get("tie_word_embeddings", src.config.get("tie_word_embeddings", False)))
-    jobs: dict[str, TensorJob] = {}
-    for name, info in src.tensors.items():
-        if name == "lm_head.weight" and (tied or spec.drop_lm_head):
-            continue
-        gname = archmod.gguf_name(spec, name)
-        if gname is None:
-            continue
-        jobs[gname] = TensorJob(gname, name, info.shape)
-    if "token_embd.weight" not in jobs:
-        raise CorruptCheckpoint("the checkpoint has no model.embed_tokens.weight", path=src.path)
-    sc = archmod.rope_scaling(cfg)
-    if spec.gguf_arch == "llama" and sc is not None and sc["rope_type"] == "llama3":
-        jobs["rope_freqs.weight"] = TensorJob("rope_freqs.weight", None, (archmod.head_dim(cfg) // 2,))
-    return [jobs[k] for k in sorted(jobs, key=_sort_key)]
-
-
-def model_shape(src: ModelSource, jobs: list[TensorJob]) -> ModelShape:
-    cfg = src.text_config
-    return ModelShape(
-        n_layer=int(cfg["num_hidden_layers"]),
-        n_head=int(cfg["num_attention_heads"]),
-        n_head_kv=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        tied_embeddings=not any(j.gguf_name == "output.weight" for j in jobs),
-        n_expert=int(cfg.get("num_local_experts") or 0),
-    )
-
-
-def assign_types(jobs: list[TensorJob], qtype: str, shape: ModelShape, has_imatrix: bool,
-                 plan_types: dict[str, str] | None = None) -> None:
-    """Give every job its format: a plan's per-tensor types when given, else the mix's rules."""
-    types = mix_types(qtype, [(j.gguf_name, j.shape) for j in jobs], shape, has_imatrix)
-    if plan_types:
-        unknown = sorted(set(plan_types) - set(types))
-        if unknown:
-            raise PlanError(f"plan names tensors the model does not have: {', '.join(unknown[:5])}")
-        for name, fmt in plan_types.items():
-            f = get_format(fmt)
-            if not f.fits(dict((j.gguf_name, j.shape) for j in jobs)[name][-1]):
-                raise PlanError(f"plan gives {name} type {fmt}, whose block size {f.block_size} does not divide "
-                                "its rows")
-            types[name] = fmt
-    for j in jobs:
-        j.fmt = types[j.gguf_name]
-
-
 CHUNK_ELEMS = 1 << 22
 ENCODED_QUEUE_BYTES = 256 << 20
 """How many bytes of encoded row chunks may wait for the writer (bounded memory; lets encoding run ahead of the
@@ -106,11 +40,9 @@ header and metadata, which are written first)."""
 
 
 class EncodedTensor:
-    """One output tensor encoded row chunk by row chunk while it is written.
-
-    Duck-types the numpy array :meth:`gguf.GGUFWriter.write_tensor_data` expects (``nbytes``, ``tofile``), so
-    at most one chunk of float32 rows and its encoding are in memory at a time. Rows are independent in every
-    GGUF format, so the bytes equal those of encoding the whole tensor at once.
+    """One output tensor, encoded row chunk by row chunk (:attr:`ranges`) so that only a few chunks of float32
+    rows and their encodings are in memory at a time. Rows are independent in every GGUF format, so the bytes
+    equal those of encoding the whole tensor at once.
     """
 
     def __init__(self, src: ModelSource, spec: archmod.ArchSpec, job: TensorJob, imatrix: Any,
@@ -119,11 +51,14 @@ class EncodedTensor:
         self.fmt = get_format(job.fmt)
         self.nbytes = self.fmt.nbytes(job.shape)
         self.heads = archmod.qk_heads(spec, job.hf_name, src.text_config) if job.hf_name else None
-        self.n_rows = n_rows = job.shape[0] if len(job.shape) > 1 else 1
+        # rows of the tensor seen as 2-D (a stacked expert tensor's rows run expert after expert)
+        self.n_rows = n_rows = self.fmt_numel() // job.shape[-1] if len(job.shape) > 1 else 1
         row_elems = max(1, self.fmt_numel() // n_rows)
         unit = n_rows // self.heads if self.heads else 1
         rows = max(unit, (chunk_elems // row_elems) // unit * unit)
-        self.ranges = [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+        # a chunk never spans two experts: each expert is quantized with its own imatrix slice
+        span = n_rows // job.n_experts if job.n_experts else n_rows
+        self.ranges = [(r, min(r + rows, e + span)) for e in range(0, n_rows, span) for r in range(e, e + span, rows)]
 
     def fmt_numel(self) -> int:
         n = 1
@@ -137,8 +72,11 @@ class EncodedTensor:
         job = self.job
         device = device or self.device
         if job.hf_name is None:
-            return archmod.llama3_rope_freqs(self.src.text_config).reshape(1, -1).to(device)
-        raw = self.src.get(job.hf_name, rows=(start, stop)) if len(job.shape) > 1 else self.src.get(job.hf_name)
+            return archmod.extra_tensor(job.gguf_name, self.src.text_config).reshape(1, -1).to(device)
+        if job.segments:
+            raw = read_segment_rows(self.src, job, start, stop)
+        else:
+            raw = self.src.get(job.hf_name, rows=(start, stop)) if len(job.shape) > 1 else self.src.get(job.hf_name)
         if device == "cpu":
             t, bad = _cpu_float32(raw)
         else:
@@ -155,44 +93,86 @@ class EncodedTensor:
             t = t + 1.0
         return torch.as_tensor(t.reshape(t.shape[0], -1))
 
-    def _imat(self, device: str) -> Any:
+    def _imat(self, device: str, start: int = 0) -> Any:
+        """The imatrix values for rows from ``start`` on: the whole entry, or for a stacked expert tensor the
+        slice of the expert those rows belong to (llama.cpp stores ``n_per_row`` values per expert)."""
         if self.imatrix is None or not self.fmt.takes_imatrix:
             return None
         import torch
 
         imat = torch.as_tensor(self.imatrix, dtype=torch.float32).to(device)
-        if imat.numel() != self.job.shape[-1]:
-            raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, "
-                             f"its rows have {self.job.shape[-1]}")
+        n, n_mat = self.job.shape[-1], max(1, self.job.n_experts)
+        if imat.numel() != n * n_mat:
+            raise InputError(f"imatrix entry for {self.job.gguf_name} has {imat.numel()} values, expected "
+                             f"{n * n_mat} ({n_mat} x rows of {n})")
+        if n_mat > 1:
+            expert = start // (self.n_rows // n_mat)
+            imat = imat[expert * n:(expert + 1) * n]
         return imat
 
     def encode(self, start: int, stop: int, device: str | None = None) -> Any:
         """Rows ``[start, stop)`` (one of :attr:`ranges`) encoded on ``device``: flat uint8 tensor on that device."""
         device = device or self.device
-        return self.fmt.quantize(self._rows(start, stop, device), self._imat(device)).contiguous().reshape(-1)
+        return self.fmt.quantize(self._rows(start, stop, device), self._imat(device, start)).contiguous().reshape(-1)
 
     def range_nbytes(self, start: int, stop: int) -> int:
         """Bytes of the encoding of rows ``[start, stop)``."""
         if len(self.job.shape) < 2:
             return self.nbytes
-        return self.fmt.nbytes((stop - start, *self.job.shape[1:]))
+        return self.fmt.nbytes((stop - start, self.job.shape[-1]))
 
-    def encoded_chunks(self) -> Iterable[Any]:
-        for start, stop in self.ranges:
-            yield self.encode(start, stop).cpu().numpy()
 
-    def tofile(self, fout: Any) -> None:
-        written = 0
-        for chunk in self.encoded_chunks():
-            fout.write(memoryview(chunk).cast("B"))
-            written += chunk.nbytes
-        if written != self.nbytes:
-            raise InputError(f"{self.job.gguf_name}: encoded {written} bytes, expected {self.nbytes}")
+def read_segment_rows(src: ModelSource, job: TensorJob, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of a stacked expert tensor (rows counted over all experts), read from the
+    checkpoint tensors its segments name, one expert at a time (a chunk lies within one expert)."""
+    import torch
+
+    out, pos = [], 0
+    for seg in job.segments:
+        n = seg.stop - seg.start
+        a, b = max(start, pos), min(stop, pos + n)
+        if a < b:
+            lo, hi = seg.start + a - pos, seg.start + b - pos
+            if seg.expert is None:
+                out.append(src.get(seg.hf_name, rows=(lo, hi)))
+            else:
+                out.append(src.get(seg.hf_name, rows=(seg.expert, seg.expert + 1))[0, lo:hi])
+        pos += n
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+class RowChunk(NamedTuple):
+    """The unit of work: rows ``[start, stop)`` of one output tensor."""
+
+    tensor: EncodedTensor
+    start: int
+    stop: int
+
+    def encode(self, device: str | None = None) -> Any:
+        return self.tensor.encode(self.start, self.stop, device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.range_nbytes(self.start, self.stop)
+
+    @property
+    def cost(self) -> float:
+        """The chunk's weight count, by which work is shared out."""
+        return self.tensor.fmt_numel() * (self.stop - self.start) / self.tensor.n_rows
+
+
+class SharedLayout(NamedTuple):
+    """Where ranks writing into one shared file put their chunks: rank 0's temporary file, the offset of the
+    tensor-data section, and each chunk's offset within that section."""
+
+    path: str
+    start: int
+    offsets: list[int]
 
 
 class StreamedTensor:
     """One output tensor whose row chunks arrive already encoded (from threads or other ranks, in order);
-    duck-types the array :meth:`gguf.GGUFWriter.write_tensor_data` expects, like :class:`EncodedTensor`."""
+    duck-types the numpy array :meth:`gguf.GGUFWriter.write_tensor_data` expects (``nbytes``, ``tofile``)."""
 
     def __init__(self, name: str, nbytes: int, chunks: Iterable[Any]) -> None:
         self.name, self.nbytes, self.chunks = name, nbytes, chunks
@@ -203,7 +183,7 @@ class StreamedTensor:
             fout.write(memoryview(chunk).cast("B"))
             written += chunk.nbytes
         if written != self.nbytes:
-            raise InputError(f"{self.name}: received {written} encoded bytes, expected {self.nbytes}")
+            raise InternalError(f"{self.name}: received {written} encoded bytes, expected {self.nbytes}")
 
 
 def size_label(n_params: int) -> str:
@@ -252,14 +232,14 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     from ...distributed import current, drain, ordered_stream, shares_files
 
     mix = get_mix(qtype)
-    spec = archmod.arch_for(src.model_type)
+    spec = resolve_arch(src.model_type, src.text_config)
     jobs = plan_tensors(src, spec)
     group = current()
     plan_types = None
     if plan is not None:
         from ...plan import load_plan
 
-        loaded = group.on_main(lambda: load_plan(plan))
+        loaded = group.on_main(lambda: load_plan(plan, target="gguf"))
         plan_types = loaded.gguf_types()
         if loaded.base_type:
             mix = get_mix(loaded.base_type)
@@ -267,7 +247,7 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
             imatrix = group.on_main(lambda: plan_imatrix(loaded, plan))
     imat = None
     if imatrix is not None:
-        from ...calibration.imatrix import load_imatrix
+        from ...imatrix import load_imatrix
 
         imat = group.on_main(lambda: load_imatrix(imatrix))  # rank 0 reads it: the file need not be on every node
     assign_types(jobs, mix.name, model_shape(src, jobs), imat is not None, plan_types)
@@ -276,9 +256,8 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     device = group.local_device(device)
     encoders = [EncodedTensor(src, spec, j, imat.for_tensor(j.gguf_name) if imat is not None else None,
                               chunk_elems=chunk_elems, device=device) for j in jobs]
-    # the unit of work: one row chunk of one tensor, costed by its weight count
-    units = [(e, a, b) for e in encoders for a, b in e.ranges]
-    costs = [u[0].fmt_numel() * (u[2] - u[1]) / u[0].n_rows for u in units]
+    units = [RowChunk(e, a, b) for e in encoders for a, b in e.ranges]
+    costs = [u.cost for u in units]
     devs = [group.local_device(d) for d in devices] if devices else [device]
 
     def head(tmp: Path) -> Any:
@@ -287,9 +266,9 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     if group.distributed and shares_files(group):
         return _write_shared(group, output, force, head, encoders, units, costs, devs, progress, mix.name)
     # encoded chunks may queue up to ENCODED_QUEUE_BYTES, so encoding runs ahead while the header is written
-    depth = max(2, ENCODED_QUEUE_BYTES // max(1, max((e.range_nbytes(a, b) for e, a, b in units), default=1)))
-    stream = ordered_stream(units, lambda u, dev: u[0].encode(u[1], u[2], dev),
-                            lambda u: u[0].range_nbytes(u[1], u[2]), costs, group, devs, depth=depth)
+    depth = max(2, ENCODED_QUEUE_BYTES // max(1, max((u.nbytes for u in units), default=1)))
+    stream = ordered_stream(units, lambda u, dev: u.encode(dev), lambda u: u.nbytes, costs, group, devs,
+                            depth=depth)
     if not group.is_main:
         drain(stream)
         group.barrier()
@@ -350,7 +329,7 @@ def _write_head(tmp: Path, src: ModelSource, spec: archmod.ArchSpec, mix: Any, j
     w.add_name(general_name(src))
     w.add_size_label(size_label(sum(src.numel(n) for n in src.tensors)))
     w.add_quantized_by(f"quantforge {__version__}")
-    archmod.write_hparams(w, spec, src.text_config)
+    write_hparams(w, spec, src.text_config)
     w.add_file_type(mix.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if imat is not None:
@@ -394,7 +373,8 @@ def _pwrite(fd: int, data: Any, offset: int) -> None:
 
 
 def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], Any], encoders: list[EncodedTensor],
-                  units: list[Any], costs: list[float], devices: list[str], progress: Progress, label: str) -> Path:
+                  units: list[RowChunk], costs: list[float], devices: list[str], progress: Progress,
+                  label: str) -> Path:
     """Every rank writes its own row chunks straight into rank 0's temporary file at their final offsets (ranks
     that see one file system: :func:`quantforge.distributed.shares_files`), so no bytes travel between ranks
     and the writes run in parallel. Rank 0 writes the header and sizes the file first (the gaps between
@@ -405,29 +385,29 @@ def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], A
     mine = [i for i, o in enumerate(owners) if o == group.rank]
 
     def write_mine(tmp: str, start: int, offsets: list[int]) -> None:
-        encoded = ordered_map(lambda i, dev: units[i][0].encode(units[i][1], units[i][2], dev).cpu().numpy(), mine,
-                              devices, [costs[i] for i in mine], threaded=True)
+        encoded = ordered_map(lambda i, dev: units[i].encode(dev).cpu().numpy(), mine, devices,
+                              [costs[i] for i in mine], threaded=True)
         fd = os.open(tmp, os.O_WRONLY)
         try:
             with contextlib.closing(encoded):
                 pairs = zip(mine, encoded, strict=True)
                 for i, data in progress(pairs, total=len(mine), desc=f"gguf {label}", unit="chunk"):
-                    e, a, b = units[i]
-                    if data.nbytes != e.range_nbytes(a, b):
-                        raise InputError(f"{e.job.gguf_name}: encoded {data.nbytes} bytes for rows {a}:{b}, "
-                                         f"expected {e.range_nbytes(a, b)}")
+                    u = units[i]
+                    if data.nbytes != u.nbytes:
+                        raise InternalError(f"{u.tensor.job.gguf_name}: encoded {data.nbytes} bytes for rows "
+                                            f"{u.start}:{u.stop}, expected {u.nbytes}")
                     _pwrite(fd, data, start + offsets[i])
         finally:
             os.close(fd)
 
-    def run(layout: Any) -> None:
+    def run(layout: SharedLayout | None) -> None:
         failure: BaseException | None = None
         try:
             if layout is None:
                 from ...distributed import DistributedError
 
                 raise DistributedError("rank 0 failed before the tensor data; see its error")
-            write_mine(*layout)
+            write_mine(layout.path, layout.start, layout.offsets)
         except Exception as exc:
             failure = exc
         raise_any(group, failure)
@@ -448,7 +428,7 @@ def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], A
         except BaseException:
             group.broadcast_object(None)
             raise
-        layout = group.broadcast_object((str(tmp), start, offsets))
+        layout = group.broadcast_object(SharedLayout(str(tmp), start, offsets))
         run(layout)
     group.barrier()
     return Path(output)

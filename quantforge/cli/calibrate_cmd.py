@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _checks
 from ._common import out, progress
 
 
@@ -37,10 +38,49 @@ def add_parser(sub: Any) -> None:
 def run(args: Any) -> int:
     """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: calibration batches and per-tensor sensitivity
     work are split across ranks (``--device cuda`` is each rank's own GPU); rank 0 writes the folder."""
+    import contextlib
+    from pathlib import Path
+
     from quantforge import distributed
 
-    with distributed.launch(args.device) as group:
-        return _run(args, group)
+    check_args(args)
+    folder = Path(args.output)
+    existed = folder.exists()
+    try:
+        with distributed.launch(args.device) as group:
+            return _run(args, group)
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):  # another rank may have removed it first
+                folder.rmdir()  # an error or interrupt leaves no empty output folder behind
+        raise
+
+
+def check_args(args: Any) -> None:
+    """Numbers, data files, the output folder, the candidate list and the model's config, before any work."""
+    from pathlib import Path
+
+    from quantforge.calibration.candidates import parse_candidates
+    from quantforge.errors import InputError
+
+    for flag, value in (("--tokens", args.tokens), ("--ctx", args.ctx), ("--holdout-tokens", args.holdout_tokens),
+                        ("--sample-layers", args.sample_layers), ("--fisher-draws", args.fisher_draws),
+                        ("--batch-size", args.batch_size)):
+        _checks.positive(flag, value)
+    _checks.positive("--proxy-rows", args.proxy_rows, allow_zero=True)
+    for data in args.data:
+        _checks.input_file(data, "a calibration text file (plain text or JSONL)")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("is a file; the calibration output is a folder", path=out_dir)
+    parse_candidates(args.candidates)
+    _checks.model(args.model)
+    import importlib.util
+
+    from quantforge.errors import MissingExtra
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtra("calibrate's sensitivity.png", "plot", "matplotlib")
 
 
 def _run(args: Any, group: Any) -> int:

@@ -10,10 +10,13 @@ failure prints one ``REGRESSION`` line per failed metric and exits 1; bad input 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from ._common import out
+from . import _checks
+from ._common import log, out
+
+DEFAULT_CHUNKS = 8
+"""Chunks scored by default: see ``benchmarks/eval_speed.py`` for the time and the ranking it gives."""
 
 
 def add_parser(sub: Any) -> None:
@@ -21,14 +24,21 @@ def add_parser(sub: Any) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts", nargs="*", metavar="ARTIFACT", help=".gguf files, bnb4 folders or checkpoint folders")
     p.add_argument("--reference", metavar="MODEL", help="the 16-bit model every artifact is compared with")
-    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (hellaswag, arc_easy, arc_challenge, "
-                   "piqa, winogrande, lambada_openai run offline from the local data)")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: none). hellaswag, arc_easy, "
+                   "arc_challenge, piqa, winogrande, lambada_openai run offline from the local data; any other "
+                   "lm-eval task needs the Hub and --task-source hub")
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per PPL/KLD chunk (llama-perplexity's 512)")
-    p.add_argument("--chunks", type=int, default=None, help="number of chunks to score (default: the whole text)")
+    p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
+                   help=f"number of --ctx chunks to score (default {DEFAULT_CHUNKS}: about a minute of CPU for a 135M "
+                        "model, enough to rank quant types that differ clearly; more chunks shrink the standard "
+                        "errors for close ones; 0 = the whole text, WikiText-2 test is 570+ chunks)")
     p.add_argument("--text", default=None, help="text for PPL/KLD (default: WikiText-2 test from the data folder)")
     p.add_argument("-o", "--output", help="results JSON path; .md and .png are written beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the cached reference logits and task results "
+                        "($QUANTFORGE_CACHE/eval, default ~/.cache/quantforge/eval)")
     p.add_argument("--engine", choices=("llama.cpp", "torch"), default=None,
                    help="GGUF engine: llama.cpp (default) or torch (our exact dequantization as an HF model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -57,7 +67,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)  # noqa: T201 (the CLI is the layer that prints)
+    if msg.startswith("  chunk "):
+        log().debug(msg)
+    else:
+        log().info(msg)
 
 
 def _limits(args: Any) -> Any:
@@ -83,7 +96,7 @@ def _finish(gate: Any, baseline_path: str) -> int:
         _log(f"gate passed against {baseline_path} ({len(gate.compared)} artifact(s) compared)")
         return 0
     for f in gate.failures:
-        _log(f.line())
+        log().warning(f.line())
     first = gate.failures[0]
     raise RegressionError(f"{len(gate.failures)} regression(s) against {baseline_path}; first: {first.artifact} "
                           f"{first.metric} {first.value} beyond limit {first.limit:.6g}")
@@ -105,7 +118,7 @@ def run(args: Any) -> int:
         gate = _apply_gate(results, baseline, args.baseline, limits)
         if args.output:
             report.write_json(results, args.output, force=args.force)
-            _log(f"wrote {args.output} (results with the gate)")
+            log().info(f"wrote {args.output} (results with the gate)")
         return _finish(gate, args.baseline)
 
     if not args.artifacts:
@@ -119,11 +132,10 @@ def run(args: Any) -> int:
     baseline = schema.load(args.baseline) if args.baseline else None
     if baseline is not None and not limits.any():
         raise InputError("--baseline needs at least one limit (--max-kld-increase, --max-acc-drop, ...)")
+    check_args(args)
     for p in report.output_paths(args.output):
         check_output(p, args.force)
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1; got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -132,13 +144,96 @@ def run(args: Any) -> int:
 
     settings = EvalSettings(
         tasks=[t for t in args.tasks.split(",") if t.strip()], limit=args.limit, n_ctx=args.ctx,
-        n_chunks=args.chunks, text=args.text, seed=args.seed, engine=args.engine, device=args.device,
+        n_chunks=args.chunks or None, text=args.text, seed=args.seed, engine=args.engine, device=args.device,
         dtype=args.dtype, n_threads=args.threads, batch_size=args.batch_size, task_source=args.task_source,
         llamacpp_base=args.llamacpp_base, engine_opts={"flash_attn": False} if args.no_flash_attn else {},
     )
-    results = evaluate(args.artifacts, args.reference, settings, log=_log)
+    results = evaluate(args.artifacts, args.reference, settings, log=_log, use_cache=not args.no_cache)
     gate = _apply_gate(results, baseline, args.baseline, limits) if baseline is not None else None
     json_path, md_path, png_path = report.write(results, args.output, force=args.force)
     out(report.markdown_table(results))
     _log(f"wrote {json_path}, {md_path}, {png_path}")
+    if args.chunks:
+        _log(f"scored {results['settings']['n_chunks']} chunks of {args.ctx} tokens; for smaller standard errors "
+             f"ask for more with --chunks N (--chunks 0: the whole text)")
     return _finish(gate, args.baseline)
+
+
+def check_args(args: Any) -> None:
+    """Everything checked before a model is loaded: numbers, every artifact and the reference exist and are of a
+    known kind, the text file, the tasks (offline ones only, unless --task-source hub), the optional packages
+    the run needs, and the outputs. A mistake costs a second, not the reference pass."""
+    import importlib.util
+
+    from quantforge.errors import InputError, MissingExtra
+    from quantforge.evals import report
+    from quantforge.evals.engines import artifact_kind
+
+    _checks.positive("--ctx", args.ctx)
+    if args.ctx < 4 or args.ctx % 2:
+        raise InputError(f"--ctx must be an even number >= 4; got {args.ctx}")
+    _checks.positive("--chunks", args.chunks, allow_zero=True)
+    _checks.positive("--limit", args.limit)
+    _checks.positive("--threads", args.threads)
+    _checks.positive("--batch-size", args.batch_size)
+    kinds = [artifact_kind(a) for a in args.artifacts]
+    if args.reference:
+        _reference_ok(args.reference)
+    _checks.input_file(args.text, "a text file for perplexity/KLD")
+    if args.text is None:
+        from quantforge.evals.data import wikitext2_test
+
+        wikitext2_test()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks:
+        _tasks_ok(tasks, args.task_source)
+        if importlib.util.find_spec("lm_eval") is None:
+            raise MissingExtra("--tasks", "eval", "lm-eval")
+    llama = (args.engine or "llama.cpp") == "llama.cpp"
+    if "gguf" in kinds and llama and importlib.util.find_spec("llama_cpp") is None:
+        raise MissingExtra("evaluating a .gguf with the llama.cpp engine (or pass --engine torch)", "eval",
+                           "llama-cpp-python")
+    if "bnb4" in kinds and importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingExtra("evaluating a bnb4 folder", "bnb", "bitsandbytes")
+    if args.output:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingExtra("the quality-vs-size plot", "eval", "matplotlib")
+        for p in report.output_paths(args.output):
+            _checks.output_file(str(p), args.force)
+
+
+def _reference_ok(reference: str) -> None:
+    """A local reference must be a checkpoint folder with config.json or a .gguf; anything else that is not a
+    Hub repo id (ORG/NAME) is refused now rather than after the artifacts are checked."""
+    from pathlib import Path
+
+    from quantforge.errors import MissingFile
+    from quantforge.evals.engines import artifact_kind
+
+    p = Path(reference)
+    if p.exists():
+        artifact_kind(p)
+        return
+    text = str(reference)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise MissingFile("no such reference model (a checkpoint folder, a .gguf or a Hub repo id)", path=p)
+
+
+def _tasks_ok(tasks: list[str], source: str) -> None:
+    """Offline runs (``--task-source auto``/``local``) take only the tasks with local copies; the others need
+    lm-eval's own Hub datasets, which ``--task-source hub`` asks for (refused when HF_HUB_OFFLINE is set)."""
+    import os
+
+    from quantforge.errors import InputError
+    from quantforge.evals.lm_eval_runner import LOCAL_PREFIX, LOCAL_TASKS
+
+    if source == "hub":
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            raise InputError(f"--task-source hub downloads task data, but HF_HUB_OFFLINE is set; offline tasks are "
+                             f"{', '.join(LOCAL_TASKS)}")
+        return
+    hub_only = [t for t in tasks if t not in LOCAL_TASKS and t.removeprefix(LOCAL_PREFIX) not in LOCAL_TASKS]
+    if hub_only:
+        raise InputError(f"task(s) {', '.join(hub_only)} have no offline copy and need the Hub (their data is "
+                         f"downloaded); offline tasks are {', '.join(LOCAL_TASKS)}; to download, pass "
+                         "--task-source hub")

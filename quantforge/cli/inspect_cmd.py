@@ -27,6 +27,8 @@ def run(args: Any) -> int:
     out(f"  {len(report.tensors)} tensors, {report.total_params:,} weights, {report.total_bytes:,} bytes, "
         f"{report.bpw:.4f} bits/weight")
     out("  types: " + ", ".join(f"{k} x{v}" for k, v in report.type_counts().items()))
+    for note in report.notes():
+        out(f"  note: {note}")
     for key, value in report.metadata.items():
         out(f"  {key} = {value}")
     if args.tensors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _checks
 from ._common import out
 
 
@@ -11,7 +12,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("plan", help="choose per-tensor formats from a calibration under a size budget")
     p.add_argument("model", help="local HF checkpoint folder or Hub repo id (the calibrated one)")
     p.add_argument("--calibration", required=True, help="folder written by 'quantforge calibrate'")
-    p.add_argument("--target", choices=("gguf", "bnb4"), default="gguf")
+    p.add_argument("--target", choices=("gguf", "bnb4"), default="gguf",
+                   help="gguf: per-tensor GGUF types under a size budget (default); bnb4: which modules stay 16-bit "
+                        "in a bitsandbytes 4-bit checkpoint. The plan applies only to that --format")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bpw", type=float, help="gguf: bits per weight over every tensor of the file")
     size.add_argument("--size-mb", type=float, help="gguf: tensor data size in MB (10^6 bytes)")
@@ -36,21 +39,22 @@ def run(args: Any) -> int:
     from quantforge.plan import save_plan
     from quantforge.planner import load_sensitivity, plan_bnb4
 
+    check_args(args)
     table = load_sensitivity(args.calibration)
     src = ModelSource.open(args.model)
     if table["model"].get("hash") != store.model_hash(src):
         raise PlanError("the calibration was made for another model (hash mismatch); calibrate this model first",
                         path=args.calibration)
     folder = Path(args.calibration)
-    calib = {"folder": str(folder), "model_hash": table["model"]["hash"]}
+    plan_dir = Path(args.output).resolve().parent  # paths are recorded relative to the plan file: no local layout
+    calib = {"folder": os.path.relpath(folder.resolve(), plan_dir), "model_hash": table["model"]["hash"]}
     if (folder / store.IMATRIX).is_file():  # recorded relative to the plan file, so the two can move together
-        plan_dir = Path(args.output).resolve().parent
         calib["imatrix"] = os.path.relpath((folder / store.IMATRIX).resolve(), plan_dir)
     if args.target == "bnb4":
         params = {n: t.shape for n, t in src.tensors.items()}
         plan = plan_bnb4(table, params, args.max_overhead, args.double_quant, args.method)
         plan.calibration = calib
-        plan.model = str(src.path)
+        plan.model = _model_name(args.model, src)
         save_plan(plan, args.output, force=args.force)
         p = plan.predicted
         out(f"wrote {args.output}: {len(plan.skip_modules) - 1} modules stay 16-bit, overhead {p['overhead']:.2%} "
@@ -60,8 +64,8 @@ def run(args: Any) -> int:
         raise InputError("give a size: --bpw, --size-mb or --like MIX")
     plan = _gguf_plan(args, src, table)
     plan.calibration = calib
-    plan.model = str(src.path)
-    plan.notes = f"apply with: quantforge quantize {src.path} --format gguf --plan {args.output} -o OUT.gguf"
+    plan.model = _model_name(args.model, src)
+    plan.notes = f"apply with: quantforge quantize MODEL --format gguf --plan {Path(args.output).name} -o OUT.gguf"
     save_plan(plan, args.output, force=args.force)
     p = plan.predicted
     out(f"wrote {args.output}: {p['tensor_bytes']:,} tensor bytes ({p['bpw']:.4f} bpw, budget "
@@ -74,11 +78,11 @@ def run(args: Any) -> int:
 def _gguf_plan(args: Any, src: Any, table: dict[str, Any]) -> Any:
     import math
 
-    from quantforge.exporters.gguf.arch import arch_for
-    from quantforge.exporters.gguf.writer import model_shape, plan_tensors
+    from quantforge.arch import arch_for
     from quantforge.formats import get_format
     from quantforge.planner import plan_gguf
     from quantforge.presets import MIXES, get_mix, mix_types
+    from quantforge.tensor_layout import model_shape, plan_tensors
 
     jobs = plan_tensors(src, arch_for(src.model_type))
     tensors = [(j.gguf_name, tuple(j.shape)) for j in jobs]
@@ -104,3 +108,36 @@ def _gguf_plan(args: Any, src: Any, table: dict[str, Any]) -> Any:
         base = min(k_mixes, key=lambda m: abs(get_format(m.base).bits_per_weight - bpw)).name
     allowed = {t.strip().lower() for t in args.types.split(",")} if args.types else None
     return plan_gguf(table, tensors, budget, base_type=base, method=args.method, allowed=allowed, budget_note=note)
+
+
+def check_args(args: Any) -> None:
+    """Sizes, types, the calibration folder, the output file and the model's config, before any work."""
+    from pathlib import Path
+
+    from quantforge.errors import InputError, MissingFile
+    from quantforge.formats import get_format
+    from quantforge.presets import get_mix
+
+    for flag, value in (("--bpw", args.bpw), ("--size-mb", args.size_mb)):
+        if value is not None and not value > 0:
+            raise InputError(f"{flag} must be > 0; got {value}")
+    if args.max_overhead < 0:
+        raise InputError(f"--max-overhead must be >= 0; got {args.max_overhead}")
+    if args.like:
+        get_mix(args.like)
+    for name in (args.types or "").split(","):
+        if name.strip():
+            get_format(name.strip().lower())
+    folder = Path(args.calibration)
+    if not folder.is_dir():
+        raise MissingFile("no such calibration folder (written by 'quantforge calibrate')", path=folder)
+    _checks.output_file(args.output, args.force, example="plan.yaml")
+    _checks.model(args.model, gguf=args.target == "gguf")
+
+
+def _model_name(model_arg: str, src: Any) -> str:
+    """What the plan records as its model: the Hub repo id, or the checkpoint folder's name (the calibration's
+    ``model_hash`` identifies the weights; a local absolute path would only leak the machine's layout)."""
+    from pathlib import Path
+
+    return model_arg if not Path(model_arg).exists() else Path(src.path).resolve().name

@@ -1,5 +1,6 @@
 """Importance matrix: our layer-wise collection equals an independent hook-based computation on SmolLM2, and the
-GGUF imatrix layout round-trips (and is accepted by llama-quantize when the binary is built)."""
+GGUF imatrix layout round-trips, llama.cpp's own GGUF parser reads our file and its quantizer gives the same
+bytes with it (and llama-quantize accepts it when the binary is built)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from quantforge.calibration.imatrix import ImatrixAccumulator, load_imatrix, save_imatrix_gguf
+from quantforge.calibration.imatrix import ImatrixAccumulator
+
+from quantforge.imatrix import load_imatrix, save_imatrix_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def llama_tool(name: str) -> Path | None:
-    """A llama.cpp tool from $LLAMA_CPP_BIN, the lead's build under .bench, or PATH."""
+    """A llama.cpp tool from $LLAMA_CPP_BIN, a build under .bench, or PATH."""
     for folder in (os.environ.get("LLAMA_CPP_BIN"), ROOT / ".bench" / "llama-build" / "bin"):
         if folder and (Path(folder) / name).is_file():
             return Path(folder) / name
@@ -42,8 +45,9 @@ def smollm2_imatrix(smollm2_dir, calib_text):
     from quantforge.calibration.imatrix_pass import collect_imatrix
     from quantforge.calibration.refs import tensor_refs
     from quantforge.calibration.runner import DecoderRunner, load_model
-    from quantforge.exporters.gguf.arch import arch_for
     from transformers import AutoTokenizer
+
+    from quantforge.arch import arch_for
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     chunks = load_chunks([calib_text], tok, CTX * N_CHUNKS, CTX, 0)
@@ -128,6 +132,37 @@ def test_llama_quantize_accepts_ours(tmp_path, smollm2_gguf_f16, smollm2_imatrix
     assert run.returncode == 0, run.stderr[-2000:]
     r = gguf.GGUFReader(str(out))
     assert r.fields["quantize.imatrix.entries_count"].contents() == len(imat.entries) == 210
+
+
+def test_llama_cpp_reads_our_imatrix_and_quantizes_with_it(tmp_path, smollm2_imatrix):
+    """llama.cpp's C GGUF parser (llama-cpp-python's libggml-base, read the way llama-quantize's imatrix loader
+    reads it) accepts our file with the same metadata, sums and counts; the values llama-quantize derives from
+    them (sums / count) equal ours bit for bit, and llama.cpp's quantizer given them writes the same bytes as
+    ours given our loaded imatrix (Q4_K and IQ4_NL)."""
+    import torch
+
+    from helpers.reference import ggml_quantize, llama_cpp_read_imatrix
+    from quantforge.formats import get_format
+
+    _, _, imat = smollm2_imatrix
+    save_imatrix_gguf(imat, tmp_path / "ours.gguf")
+    theirs = llama_cpp_read_imatrix(tmp_path / "ours.gguf")
+    ours = load_imatrix(tmp_path / "ours.gguf")
+    assert theirs["datasets"] == ours.datasets == ["calib.txt"]
+    assert (theirs["chunk_count"], theirs["chunk_size"]) == (ours.chunk_count, ours.chunk_size) == (N_CHUNKS, CTX)
+    assert sorted(theirs["entries"]) == sorted(ours.entries) and len(ours.entries) == 210
+    values = {}
+    for name, (sums, counts) in theirs["entries"].items():
+        assert np.array_equal(sums, ours.entries[name].in_sum2.reshape(-1)), name
+        assert np.array_equal(counts, ours.entries[name].counts), name
+        per = sums.reshape(counts.size, -1)
+        values[name] = np.where(counts[:, None] > 0, per / counts[:, None].astype(np.float32), 1.0).reshape(-1)
+        assert np.array_equal(values[name], ours.for_tensor(name)), name
+    for name, fmt in (("blk.0.ffn_down.weight", get_format("q4_k")), ("blk.7.attn_q.weight", get_format("iq4_nl"))):
+        w = np.random.default_rng(0).standard_normal((16, values[name].size)).astype(np.float32)
+        ref = ggml_quantize(w, fmt.ggml_type, values[name])
+        got = fmt.quantize(torch.from_numpy(w), torch.from_numpy(ours.for_tensor(name))).numpy()
+        assert np.array_equal(got.reshape(ref.shape), ref), name
 
 
 def test_same_statistics_as_llama_imatrix(tmp_path, smollm2_gguf_f16, smollm2_imatrix, calib_text):

@@ -77,7 +77,7 @@ def test_measurement_sample_covers_first_and_last_layer():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
-    from quantforge.testing import tiny_checkpoint
+    from helpers.reference import tiny_checkpoint
 
     return tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir, init_std=0.05)
 
@@ -118,7 +118,7 @@ def test_calibrate_writes_files_and_caches(calibrated, tiny, data_dir, tmp_path)
 def test_measured_kld_equals_full_model_recomputation(calibrated, tiny, data_dir):
     """The layer-cached re-run gives the same KLD as quantizing the tensor in the HF model and running it whole."""
     from quantforge.calibration.data import load_chunks
-    from quantforge.calibration.imatrix import load_imatrix
+    from quantforge.imatrix import load_imatrix
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = calibrated

@@ -1,7 +1,7 @@
 """lm-eval backends on SmolLM2: qf-hf, qf-gguf (llama.cpp and torch engines) and qf-bnb4 agree where they must.
 
 Tolerances: the f16 GGUF holds the bf16 checkpoint's weights exactly (bf16 -> f16 is exact for these weights), so
-the three f16 backends differ only in arithmetic; 0.05 nats per request is the issue's bound (measured deltas are
+the three f16 backends differ only in arithmetic; 0.05 nats per request is the required bound (measured deltas are
 below 0.01). Our request handling, KV-cache reuse across shared contexts included, must reproduce lm-eval's own
 ``HFLM`` (which recomputes every request) to float32 rounding (1e-3 nats).
 """

@@ -1,6 +1,6 @@
 """bnb4 export: transformers loads it as-is, and it equals transformers' own on-the-fly quantization byte for byte.
 
-SmolLM2 for the byte-equality test (the brief's model); a tiny random Llama (untied lm_head, attention biases)
+SmolLM2 for the byte-equality test; a tiny random Llama (untied lm_head, attention biases)
 for skip plans, fp4, sharding and bad input, to keep the suite fast.
 """
 
@@ -21,26 +21,10 @@ from quantforge.errors import CorruptCheckpoint, PlanError  # noqa: E402
 from quantforge.inspect import describe  # noqa: E402
 from quantforge.plan import Plan, save_plan  # noqa: E402
 
+from helpers.reference import tiny_llama  # noqa: E402
+
 IDS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 2, 17]])
 TINY_IDS = IDS % 256
-
-
-def tiny_llama(out: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama in bf16 with an untied lm_head, attention biases and dummy tokenizer side files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False,
-                      attention_bias=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) * 0.5 + 0.75 if "norm" in name else torch.randn_like(p) * 0.2)
-    model.to(torch.bfloat16).save_pretrained(out)
-    (out / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,10 @@ def _bnb_config(quant_type: str, double_quant: bool, skip: list[str] | None = No
 def _disk_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index_file = folder / "model.safetensors.index.json"
+    if not index_file.is_file():  # one shard: no index, as transformers writes it
+        return load_file(str(folder / "model.safetensors"))
+    index = json.loads(index_file.read_text())
     out: dict[str, torch.Tensor] = {}
     for fname in sorted(set(index["weight_map"].values())):
         out.update(load_file(str(folder / fname)))

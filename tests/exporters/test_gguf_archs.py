@@ -1,12 +1,12 @@
 """Tiny random Qwen2, Qwen3, Mistral and Gemma2 checkpoints export to GGUF that llama.cpp loads and runs with the
-same logits as transformers (issue 2). Random weights say nothing about quality, only about the conversion."""
+same logits as transformers. Random weights say nothing about quality, only about the conversion."""
 
 from __future__ import annotations
 
 import pytest
 
 from quantforge.exporters.gguf import export_gguf
-from quantforge.testing import compare_logits, hf_logits, llama_cpp_logits, tiny_checkpoint, train_spm_tokenizer
+from helpers.reference import compare_logits, hf_logits, llama_cpp_logits, tiny_checkpoint, train_spm_tokenizer
 
 
 @pytest.fixture(scope="module")

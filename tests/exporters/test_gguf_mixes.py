@@ -1,4 +1,4 @@
-"""Standard mixes on SmolLM2 against llama.cpp's own quantizer (issue 3): same per-tensor composition and size,
+"""Standard mixes on SmolLM2 against llama.cpp's own quantizer: same per-tensor composition and size,
 the file loads in llama.cpp, and mean KL divergence against the float32 HF model on 2,048 WikiText-2 tokens is at
 most 1.05x llama.cpp's, on the plain and the dithered SmolLM2 (FIXTURES.md: the plain one alone flatters
 grid-aligned types)."""
@@ -10,7 +10,7 @@ import pytest
 
 from quantforge.exporters.gguf import export_gguf
 from quantforge.presets import get_mix
-from quantforge.testing import llama_cpp_chunk_logits, quantize_with_llama_cpp
+from helpers.reference import llama_cpp_chunk_logits, quantize_with_llama_cpp
 
 MIXES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k", "iq4_xs"]
 N_CTX, N_CHUNKS = 512, 4

@@ -1,4 +1,4 @@
-"""SmolLM2 exported to GGUF loads in llama.cpp and matches the HF model (issue 2)."""
+"""SmolLM2 exported to GGUF loads in llama.cpp and matches the HF model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from quantforge.exporters.gguf import export_gguf
-from quantforge.testing import (
+from helpers.reference import (
     compare_logits,
     hf_logits,
     llama_cpp_logits,

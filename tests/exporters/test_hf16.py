@@ -14,30 +14,14 @@ from quantforge.cli.main import main
 from quantforge.errors import InputError
 from quantforge.inspect import describe
 
+from helpers.reference import tiny_llama
+
 IDS = torch.tensor([[1, 50, 200, 17, 3, 99, 255, 2]])
-
-
-def tiny_llama(out: Path) -> Path:
-    """A 2-layer random Llama in bf16 (untied lm_head, attention biases) with dummy tokenizer side files."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False,
-                      attention_bias=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) * 0.5 + 0.75 if "norm" in name else torch.randn_like(p) * 0.2)
-    model.to(torch.bfloat16).save_pretrained(out)
-    (out / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
-    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return out
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=1)
 
 
 def _logits(folder: Path, **kwargs) -> torch.Tensor:
@@ -49,7 +33,17 @@ def _logits(folder: Path, **kwargs) -> torch.Tensor:
 
 
 def _index(folder: Path) -> dict:
-    return json.loads((folder / "model.safetensors.index.json").read_text())
+    """The shard index; a one-shard folder has none (checked), so its index is rebuilt from the file."""
+    path = folder / "model.safetensors.index.json"
+    if path.is_file():
+        assert not (folder / "model.safetensors").exists()
+        return json.loads(path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = sorted(f.keys())
+        total = sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in names)
+    return {"metadata": {"total_size": total}, "weight_map": {n: "model.safetensors" for n in names}}
 
 
 def _check_index(folder: Path, limit: int) -> list[str]:

@@ -1,4 +1,6 @@
-"""Helpers shared by the tests and benchmarks (shipped in the package so ``--import-mode=importlib`` finds them).
+"""Helpers shared by the tests and benchmarks: llama.cpp (through llama-cpp-python) and Hugging Face reference
+runs, logit comparisons, and tiny random checkpoints. Importable as ``helpers.reference`` because the root
+``tests/conftest.py`` puts ``tests/`` on ``sys.path`` (benchmarks insert it themselves).
 
 Nothing here runs at import time; heavy modules are imported inside the functions.
 """
@@ -37,6 +39,8 @@ def ggml_quantize(weight: Any, ggml_type: int, imatrix: Any = None) -> Any:
     w = np.ascontiguousarray(weight, dtype=np.float32)
     rows, n = w.shape
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    if n % bs:  # ggml would write past the buffer
+        raise ValueError(f"rows of {n} values do not fill blocks of {bs}")
     out = np.zeros((rows, n // bs * ts), dtype=np.uint8)
     lib = _libggml()
     lib.ggml_quantize_init(ggml_type)
@@ -213,3 +217,90 @@ def tiny_checkpoint(model_type: str, out_dir: Any, tokenizer_dir: Any, n_layers:
                 p.copy_(torch.randn_like(p) * 0.1)
     model.to(torch.bfloat16).save_pretrained(out)
     return out
+
+
+def tiny_llama(out: Any, seed: int = 0) -> Path:
+    """A 2-layer random Llama in bf16 with an untied lm_head, attention biases and dummy tokenizer side files."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False,
+                      attention_bias=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand_like(p) * 0.5 + 0.75 if "norm" in name else torch.randn_like(p) * 0.2)
+    model.to(torch.bfloat16).save_pretrained(out)
+    (out / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return out
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+def llama_cpp_read_imatrix(path: Any) -> dict[str, Any]:
+    """Read a GGUF imatrix the way llama.cpp's ``common_imatrix_load`` (used by llama-quantize) does, with the
+    C GGUF parser of the ``libggml-base`` that llama-cpp-python ships: ``gguf_init_from_file`` with tensor data
+    loaded, the ``imatrix.*`` keys, and every ``X.in_sum2`` / ``X.counts`` pair, which must both be F32; counts
+    are rounded to integers as llama.cpp rounds them. Returns ``{"datasets", "chunk_count", "chunk_size",
+    "entries": {name: (sums float32 1-D, counts int64 1-D)}}``; raises ``ValueError`` where llama.cpp refuses."""
+    import numpy as np
+
+    lib = _libggml()
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    for fn, res, args in (("gguf_init_from_file", vp, [ctypes.c_char_p, _GGUFInitParams]),
+                          ("gguf_get_n_tensors", ctypes.c_int32, [vp]), ("gguf_find_key", i64, [vp, ctypes.c_char_p]),
+                          ("gguf_get_kv_type", ctypes.c_int, [vp, i64]), ("gguf_get_arr_type", ctypes.c_int, [vp, i64]),
+                          ("gguf_get_arr_n", ctypes.c_size_t, [vp, i64]),
+                          ("gguf_get_arr_str", ctypes.c_char_p, [vp, i64, ctypes.c_size_t]),
+                          ("gguf_get_val_u32", ctypes.c_uint32, [vp, i64]), ("gguf_free", None, [vp]),
+                          ("ggml_free", None, [vp]), ("ggml_get_first_tensor", vp, [vp]),
+                          ("ggml_get_next_tensor", vp, [vp, vp]), ("ggml_get_name", ctypes.c_char_p, [vp]),
+                          ("ggml_nelements", i64, [vp]), ("ggml_get_data", vp, [vp])):
+        getattr(lib, fn).restype = res
+        getattr(lib, fn).argtypes = args
+    ctx = ctypes.c_void_p()
+    g = lib.gguf_init_from_file(str(path).encode(), _GGUFInitParams(False, ctypes.pointer(ctx)))
+    if not g:
+        raise ValueError(f"llama.cpp's gguf_init_from_file refused {path}")
+    try:
+        if lib.gguf_get_n_tensors(g) < 1:
+            raise ValueError("no data in the imatrix")
+        keys = {k: lib.gguf_find_key(g, k.encode()) for k in ("imatrix.datasets", "imatrix.chunk_count",
+                                                                "imatrix.chunk_size")}
+        if -1 in keys.values():
+            raise ValueError("missing imatrix metadata")
+        d = keys["imatrix.datasets"]
+        if lib.gguf_get_kv_type(g, d) != 9 or lib.gguf_get_arr_type(g, d) != 8:  # GGUF_TYPE_ARRAY of STRING
+            raise ValueError("imatrix.datasets is not an array of strings")
+        out: dict[str, Any] = {
+            "datasets": [lib.gguf_get_arr_str(g, d, i).decode() for i in range(lib.gguf_get_arr_n(g, d))],
+            "chunk_count": lib.gguf_get_val_u32(g, keys["imatrix.chunk_count"]),
+            "chunk_size": lib.gguf_get_val_u32(g, keys["imatrix.chunk_size"]), "entries": {}}
+        pairs: dict[str, dict[str, Any]] = {}
+        t = lib.ggml_get_first_tensor(ctx)
+        while t:
+            name = lib.ggml_get_name(t).decode()
+            for suffix in (".in_sum2", ".counts"):
+                if name.endswith(suffix):
+                    ttype = ctypes.cast(t, ctypes.POINTER(ctypes.c_int32))[0]  # ggml_tensor.type is the first field
+                    if ttype != 0:  # GGML_TYPE_F32
+                        raise ValueError(f"{name} is not F32")
+                    n = lib.ggml_nelements(t)
+                    vals = np.ctypeslib.as_array(ctypes.cast(lib.ggml_get_data(t), ctypes.POINTER(ctypes.c_float)),
+                                                 shape=(n,)).copy()
+                    pairs.setdefault(name[: -len(suffix)], {})[suffix] = vals
+            t = lib.ggml_get_next_tensor(ctx, t)
+        for name, pair in pairs.items():
+            if len(pair) != 2:
+                raise ValueError(f"mismatched sums and counts for {name}")
+            out["entries"][name] = (pair[".in_sum2"], np.floor(pair[".counts"] + 0.5).astype(np.int64))
+        return out
+    finally:
+        lib.gguf_free(g)
+        lib.ggml_free(ctx)
