@@ -1,17 +1,20 @@
 """Search steps shared by the lattice i-quants (IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS/S), vectorized over blocks.
 
-The IQ2/IQ3 types quantize a block of 16 or 32 weights as ``scale * sign * (2 * level + 1)`` with the levels of
-each group of 8 (IQ2) or 4 (IQ3) weights forming a point of a fixed lattice (:mod:`._iq_grids`). ggml's
-quantizers (``quantize_row_iq2_xxs_impl``, ``..._iq2_xs_impl``, ``..._iq2_s_impl``, ``..._iq3_xxs_impl``,
-``..._iq3_s_impl``) share the steps below; each codec strings them together in its own order (the IQ1 types
-have their own split search in :mod:`.iq1_s` and use :func:`rowsum`, :func:`importance` and the packing helpers). As in :mod:`._search`, everything is float32 in ggml's
-operation order, sums over a block are left-to-right (:func:`rowsum`), ``nearest_int`` is ``torch.round``, and a
-candidate replaces the running best only when strictly better.
+The IQ2/IQ3 types quantize a block of 16 or 32 weights as ``scale * sign * (2 * level + 1)`` with the levels of each
+group of 8 (IQ2) or 4 (IQ3) weights forming a point of a fixed lattice (:mod:`._iq_grids`). ggml's quantizers
+(``quantize_row_iq2_xxs_impl``, ``..._iq2_xs_impl``, ``..._iq2_s_impl``, ``..._iq3_xxs_impl``, ``..._iq3_s_impl``)
+share the steps below; each codec strings them together in its own order (the IQ1 types have their own split search
+in :mod:`.iq1_s` and use :func:`rowsum`, :func:`importance` and the packing helpers). As in :mod:`._search`,
+everything is float32 in ggml's operation order, sums over a block are left-to-right (:func:`rowsum`),
+``nearest_int`` is ``torch.round``, and a candidate replaces the running best only when strictly better.
 
 Layout: blocks are rows, ``(B, n)`` float32; per-block scalars are ``(B,)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -248,6 +251,22 @@ def tile_aux(lattice: str, device: torch.device | str) -> torch.Tensor:
     (point ``i``, coordinate ``j`` at ``i * dim + j``)."""
     return dequant_grid(lattice, device).reshape(-1).contiguous()
 
+
+
+def codec_entry_points(fmt: Any, lattice: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """``(tile_aux, dequantize_triton)`` of a lattice i-quant codec module: the side table its Triton tile reads
+    through ``aux`` (the lattice's dequantization grid), and the Triton dequantize through :mod:`.tiles`, the same
+    result as the codec's PyTorch ``dequantize``."""
+
+    def codec_tile_aux(device: torch.device | str) -> torch.Tensor:
+        return tile_aux(lattice, device)
+
+    def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from . import tiles
+
+        return tiles.dequantize(fmt, data, dtype, aux=tile_aux(lattice, data.device))
+
+    return codec_tile_aux, dequantize_triton
 
 if HAVE_TRITON:
 

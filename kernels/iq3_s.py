@@ -92,16 +92,7 @@ def dequantize(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     return y.to(dtype).reshape(data.shape[0], -1)
 
 
-def tile_aux(device: torch.device | str) -> torch.Tensor:
-    """The side table :func:`iq3_s_tile` reads through ``aux`` (the lattice's dequantization grid)."""
-    return _iq_common.tile_aux(LATTICE, device)
-
-
-def dequantize_triton(data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triton dequantize (the tile below), same result as :func:`dequantize`."""
-    from . import tiles
-
-    return tiles.dequantize(FMT, data, dtype, aux=tile_aux(data.device))
+tile_aux, dequantize_triton = _iq_common.codec_entry_points(FMT, LATTICE)
 
 
 if HAVE_TRITON:

@@ -348,3 +348,32 @@ def test_llama_imatrix_moe_file_reads_back(models, tmp_path):
         for e in range(weights.shape[0]):
             want = ggml_quantize(weights[e], int(ours[name].tensor_type), entry.in_sum2[e] / entry.counts[e])
             assert np.array_equal(got[e], want), (name, e)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_hf16_and_bnb4_exports(models, model_type, tmp_path):
+    """The 16-bit export holds exactly the checkpoint's tensors, and the bnb4 export loads in transformers as it is
+    and gives exactly the logits of transformers' own 4-bit quantization of the checkpoint (MoE experts stay 16-bit
+    in both: transformers quantizes only nn.Linear)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from quantforge.exporters.bnb4 import export_bnb4
+    from quantforge.exporters.hf16 import export_hf16
+
+    ckpt, _ = models[model_type]
+    out16 = export_hf16(ckpt, tmp_path / "hf16", dtype="bf16")
+    src = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = {k: v for f in sorted(out16.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(got) == set(src)
+    assert all(torch.equal(got[k], src[k]) for k in src)
+    outq = export_bnb4(ckpt, tmp_path / "bnb4", quant_type="nf4", double_quant=True)
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=cfg).eval()
+    ours = AutoModelForCausalLM.from_pretrained(outq).eval()
+    assert any(type(m).__name__ == "Linear4bit" for m in ours.modules())
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
