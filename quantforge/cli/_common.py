@@ -113,13 +113,3 @@ def end_on_broken_pipe() -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def not_yet(stage: str) -> Any:
-    """Handler for a stage whose issue has not landed: a clear message and exit code 2."""
-    from quantforge.errors import InputError
-
-    def run(args: Any) -> int:
-        raise InputError(f"'quantforge {stage}' is not available in this version yet")
-
-    return run
