@@ -2027,6 +2027,23 @@ static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, 
         put_le(y + 48 + 2 * i, sc[i], 2);
 }
 
+/* |x| and all 8 sign bits per group of 8 weights (IQ3_S and IQ2_S store every sign, unlike iq_fold's 7). */
+static void fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
+{
+    for (int k = 0; k < groups; k++) {
+        signs[k] = 0;
+        for (int i = 0; i < 8; i++) {
+            float v = x[8 * k + i];
+            if (v >= 0) {
+                xv[8 * k + i] = v;
+            } else {
+                xv[8 * k + i] = -v;
+                signs[k] |= (u64)1 << i;
+            }
+        }
+    }
+}
+
 /* IQ3_S (kernels/iq3_s.py): one super-block of 256 weights into the 110 bytes at y; qw may be NULL. An all-zero
  * block does not advance the qs / signs write position (as in ggml). */
 static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
@@ -2044,18 +2061,7 @@ static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, 
     for (int ib = 0; ib < 8; ib++) {
         const int o = 32 * ib;
         u64 signs[4];
-        for (int k = 0; k < 4; k++) {
-            signs[k] = 0;
-            for (int i = 0; i < 8; i++) {
-                float v = x[o + 8 * k + i];
-                if (v >= 0) {
-                    xv[o + 8 * k + i] = v;
-                } else {
-                    xv[o + 8 * k + i] = -v;
-                    signs[k] |= (u64)1 << i;
-                }
-            }
-        }
+        fold_all_signs(4, x + o, xv + o, signs);
         float mx = xv[o];
         for (int i = 1; i < 32; i++)
             mx = xv[o + i] > mx ? xv[o + i] : mx;
@@ -2104,18 +2110,7 @@ static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, 
     for (int ib = 0; ib < 16; ib++) {
         const int o = 16 * ib;
         u64 signs[2];
-        for (int k = 0; k < 2; k++) {
-            signs[k] = 0;
-            for (int i = 0; i < 8; i++) {
-                float v = x[o + 8 * k + i];
-                if (v >= 0) {
-                    xv[o + 8 * k + i] = v;
-                } else {
-                    xv[o + 8 * k + i] = -v;
-                    signs[k] |= (u64)1 << i;
-                }
-            }
-        }
+        fold_all_signs(2, x + o, xv + o, signs);
         float mx = xv[o];
         for (int i = 1; i < 16; i++)
             mx = xv[o + i] > mx ? xv[o + i] : mx;
