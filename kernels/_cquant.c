@@ -2027,8 +2027,9 @@ static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, 
         put_le(y + 48 + 2 * i, sc[i], 2);
 }
 
-/* |x| and all 8 sign bits per group of 8 weights (IQ3_S and IQ2_S store every sign, unlike iq_fold's 7). */
-static void fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
+/* |x| and all 8 sign bits per group of 8 weights (IQ3_S and IQ2_S store every sign, unlike iq_fold's 7); returns
+ * the largest |x| of the block (ggml's first-to-last max loop). */
+static float fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
 {
     for (int k = 0; k < groups; k++) {
         signs[k] = 0;
@@ -2042,6 +2043,10 @@ static void fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
             }
         }
     }
+    float mx = xv[0];
+    for (int i = 1; i < 8 * groups; i++)
+        mx = xv[i] > mx ? xv[i] : mx;
+    return mx;
 }
 
 /* IQ3_S (kernels/iq3_s.py): one super-block of 256 weights into the 110 bytes at y; qw may be NULL. An all-zero
@@ -2061,10 +2066,7 @@ static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, 
     for (int ib = 0; ib < 8; ib++) {
         const int o = 32 * ib;
         u64 signs[4];
-        fold_all_signs(4, x + o, xv + o, signs);
-        float mx = xv[o];
-        for (int i = 1; i < 32; i++)
-            mx = xv[o + i] > mx ? xv[o + i] : mx;
+        float mx = fold_all_signs(4, x + o, xv + o, signs);
         scales[ib] = 0.0f;
         if (mx == 0)
             continue;
@@ -2110,10 +2112,7 @@ static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, 
     for (int ib = 0; ib < 16; ib++) {
         const int o = 16 * ib;
         u64 signs[2];
-        fold_all_signs(2, x + o, xv + o, signs);
-        float mx = xv[o];
-        for (int i = 1; i < 16; i++)
-            mx = xv[o + i] > mx ? xv[o + i] : mx;
+        float mx = fold_all_signs(2, x + o, xv + o, signs);
         scales[ib] = 0.0f;
         if (mx < 1e-8f)
             continue;
