@@ -208,24 +208,60 @@ def dolly_examples(assets: Path, tok, limit: int):
     return [e for e in out if e is not None and len(e) <= 2048]
 
 
+def profile_step(model, batch: int, vocab: int) -> None:
+    """One profiled optimizer step at ``SEQ x batch`` (after a warm-up step): the CUDA kernels by total time, and
+    how much of the step's wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantforge.train.config import TrainConfig
+    from quantforge.train.loop import Trainer
+
+    cfg = TrainConfig(batch_tokens=batch * SEQ, max_seq_len=SEQ, max_steps=2, optimizer="adamw", lr=1e-4,
+                      eval_split=0.0)
+    model.train()
+    tr = Trainer(model, fixed_examples(2 * batch, SEQ, vocab), [], cfg)
+    tr.step(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        tr.step(1)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    log(f"\nprofile {SEQ} x {batch}: step {wall * 1e3:.0f} ms wall, GPU kernels {busy * 1e3:.0f} ms "
+        f"({busy / wall:.0%} of the step)")
+    log("| kernel | calls | total ms | share |\n|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        log(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.1f} | "
+            f"{e.self_device_time_total / 1e6 / busy:.1%} |")
+    del tr
+
+
 def speed(args, path: Path, tok, results: dict) -> None:
     vocab = LLAMA8B["vocab_size"]
     dolly = dolly_examples(Path(args.assets), tok, 1500)
     random.Random(0).shuffle(dolly)
     lengths = [len(e) for e in dolly]
     rows = []
+    var_row: dict = {}
     t0 = time.perf_counter()
+    if args.only_long:
+        args.batches, args.skip_reference = [], True
     model = ours_load(path)
     log(f"ours: loaded in {time.perf_counter() - t0:.1f}s, {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
+    if args.profile:
+        profile_step(model, args.profile, vocab)
     for b in args.batches:
         tps, pk, _ = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ, args.steps)
         rows.append({"case": f"{SEQ} x {b}", "ours_tps": tps, "ours_gib": pk})
         log(f"ours {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB")
     var_ex = length_examples(lengths, vocab)
-    tps, pk, _ = ours_run(model, var_ex, args.var_tokens, args.steps)
-    var_row = {"case": f"Dolly lengths (ours packed {args.var_tokens} tok, ref batch {args.var_batch} padded)",
-               "ours_tps": tps, "ours_gib": pk}
-    log(f"ours dolly: {tps:,.0f} tok/s, {pk:.1f} GiB")
+    if not args.only_long:
+        tps, pk, _ = ours_run(model, var_ex, args.var_tokens, args.steps)
+        var_row = {"case": f"Dolly lengths (ours packed {args.var_tokens} tok, ref batch {args.var_batch} padded)",
+                   "ours_tps": tps, "ours_gib": pk}
+        log(f"ours dolly: {tps:,.0f} tok/s, {pk:.1f} GiB")
     del model
     reset_peak()
     if not args.skip_reference:
@@ -247,7 +283,7 @@ def speed(args, path: Path, tok, results: dict) -> None:
         log(f"reference dolly: {tps:,.0f} tok/s, {pk:.1f} GiB")
         del ref
         reset_peak()
-    model = ours_load(path)
+    model = ours_load(path) if args.long else None
     long_rows = []
     last = 0.0
     for n in args.long:
@@ -264,21 +300,27 @@ def speed(args, path: Path, tok, results: dict) -> None:
             long_rows.append({"tokens": n, "ours_tps": None, "ours_gib": None})
             log(f"ours long {n}: out of memory")
             break
-    results.update({"fixed": rows, "variable": var_row, "long": long_rows})
+    results.update({"fixed": rows, "long": long_rows, **({"variable": var_row} if var_row else {})})
 
 
 def loss_curve(args, assets: Path, work: Path, results: dict) -> None:
-    """50 steps on the SmolLM2 shape: same initial adapter, data order and hyper-parameters; per-step losses."""
+    """50 steps on SmolLM2 (``--curve-model``, the bf16 checkpoint) or, without it, on the SmolLM2 shape with random
+    weights: same initial adapter, data order and hyper-parameters; per-step losses."""
     from transformers import AutoTokenizer
 
     from quantforge.train.config import TrainConfig
     from quantforge.train.loop import Trainer
 
-    cfg_small = json.loads((assets / "smollm2" / "config.json").read_text())
-    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "rms_norm_eps", "vocab_size", "max_position_embeddings", "num_hidden_layers", "rope_parameters")
-    shape = {k: cfg_small[k] for k in keep}
-    path = write_model(work / "smollm2-shape", {**shape, "tie_word_embeddings": False}, assets, seed=1, std=0.05)
+    if args.curve_model:
+        path = Path(args.curve_model)
+        log(f"loss curve on the checkpoint {path}")
+    else:
+        cfg_small = json.loads((assets / "smollm2" / "config.json").read_text())
+        keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rms_norm_eps", "vocab_size", "max_position_embeddings", "num_hidden_layers", "rope_parameters")
+        shape = {k: cfg_small[k] for k in keep}
+        path = write_model(work / "smollm2-shape", {**shape, "tie_word_embeddings": False}, assets, seed=1,
+                           std=0.05)
     tok = AutoTokenizer.from_pretrained(path)
     examples = dolly_examples(assets, tok, 1500)
     examples = [e for e in examples if len(e) <= 512]
@@ -348,9 +390,14 @@ def main() -> int:
     ap.add_argument("--long-budget-s", type=float, default=400.0,
                     help="skip longer sequences once the script would run past this many seconds")
     ap.add_argument("--curve-steps", type=int, default=50)
+    ap.add_argument("--curve-model", default=None,
+                    help="bf16 HF checkpoint for the loss curve (default: the SmolLM2 shape, random weights)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--only-long", action="store_true", help="run only the --long sequences (no reference)")
+    ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                    help="profile one step at 2048 x BATCH first and print where the GPU time goes")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import AutoTokenizer
