@@ -31,7 +31,7 @@ from ..errors import UnsupportedFormat
 from ..formats import Family
 from . import tiles
 from ._triton import HAVE_TRITON, interpreting, tl, triton, triton_available
-from .qweight import QuantWeight
+from .qweight import QuantWeight, compute_copy
 
 #: Token count (rows of x) from which CUDA calls take the transient path (dequantize to a buffer + cuBLAS).
 #: Measured on an H200: at 16 tokens the fused forward+backward was as fast or faster (q: 0.87 vs 1.15 ms,
@@ -112,7 +112,7 @@ def _dequant(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     if weight.data.is_cuda and fmt.family is not Family.FLOAT and triton_available():
         return tiles.dequantize(fmt, weight.data, dtype, aux=weight.extra.get("aux"),
                                 double_quant=weight.double_quant)
-    return weight.dequantize(dtype)
+    return compute_copy(weight, dtype)
 
 
 class _TransientLoraLinear(torch.autograd.Function):

@@ -28,7 +28,7 @@ from . import tiles
 from ._launch import use_triton
 from .glu import ACTIVATIONS, glu_backward, glu_forward, glu_reference
 from .lora_linear import lora_linear, lora_linear_reference
-from .qweight import QuantWeight
+from .qweight import QuantWeight, compute_copy
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _dequantize(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     if weight.device.type == "cuda" and weight.format.family is not Family.FLOAT:
         return tiles.dequantize(weight.format, weight.data, dtype, aux=weight.extra.get("aux"),
                                 double_quant=weight.double_quant)
-    return weight.dequantize(dtype)
+    return compute_copy(weight, dtype)
 
 
 def _input_grad(dy: torch.Tensor, proj: LoraProjection, need_input: bool, out: torch.Tensor | None = None):

@@ -16,6 +16,10 @@ bitsandbytes does).
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -130,3 +134,39 @@ class QuantWeight:
         """Bytes held: the packed data plus the side tables."""
         return self.data.numel() * self.data.element_size() + sum(
             v.numel() * v.element_size() for v in self.extra.values())
+
+
+CPU_CACHE_BYTES = int(os.environ.get("QUANTFORGE_CPU_DEQUANT_CACHE_MB", "1024")) << 20
+"""Budget of :func:`compute_copy`'s cache of dequantized CPU weights (``QUANTFORGE_CPU_DEQUANT_CACHE_MB``)."""
+
+_cache: OrderedDict[tuple[int, int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def compute_copy(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only ``(out, in)`` copy of ``weight`` in ``dtype`` for a GEMM.
+
+    On the CPU the codecs dequantize slowly, and a training step reads every base weight two or three times
+    (forward, recomputation, backward), so CPU copies stay in a least-recently-used cache of at most
+    :data:`CPU_CACHE_BYTES` (a weight larger than that is never kept). The values are exactly
+    :meth:`QuantWeight.dequantize`'s. Callers must not write to the result."""
+    if weight.format.family is Family.FLOAT or weight.data.device.type != "cpu":
+        return weight.dequantize(dtype)
+    key = (id(weight), weight.data.data_ptr(), dtype)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None and hit[0]() is weight:
+            _cache.move_to_end(key)
+            return hit[1]
+    out = weight.dequantize(dtype)
+    if out.numel() * out.element_size() > CPU_CACHE_BYTES:
+        return out
+    with _cache_lock:
+        _cache[key] = (weakref.ref(weight), out)
+        for k in [k for k, (ref, _) in _cache.items() if ref() is None]:
+            del _cache[k]
+        total = sum(t.numel() * t.element_size() for _, t in _cache.values())
+        while total > CPU_CACHE_BYTES:
+            _, (_, t) = _cache.popitem(last=False)
+            total -= t.numel() * t.element_size()
+    return out

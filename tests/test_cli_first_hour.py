@@ -148,6 +148,20 @@ def test_missing_extra_names_it(smollm2_dir, tmp_path, capsys, monkeypatch):
     assert "pip install 'quantforge[eval]'" in err and "lm-eval" in err
 
 
+def test_train_without_datasets_names_the_extra(smollm2_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    code, _, err = _run(capsys, "train", str(smollm2_dir), "--data", str(data), "-o", str(tmp_path / "a"),
+                        "--device", "cpu")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "pip install 'quantforge[train]'" in err and "datasets" in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_fixture_help_explains_the_grid(capsys):
     with pytest.raises(SystemExit):
         main(["fixture", "--help"])

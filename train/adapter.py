@@ -23,12 +23,27 @@ ADAPTER_INFO = "quantforge_adapter.json"
 _PREFIX = "base_model.model."
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) matrix gathered whole; a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Whole tensor ``t`` laid out as parameter ``p``: this rank's shard when ``p`` is sharded."""
+    if not hasattr(p, "device_mesh"):
+        return t.to(p.device, p.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+
+
 def lora_state(model: CausalLM) -> dict[str, torch.Tensor]:
-    """PEFT key -> float32 CPU tensor, for every LoRA matrix of ``model``."""
+    """PEFT key -> float32 CPU tensor, for every LoRA matrix of ``model`` (of a sharded model: a collective,
+    every rank calls it and gets the whole matrices)."""
     out = {}
     for name, m in model.lora_modules().items():
-        out[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
-        out[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+        out[f"{_PREFIX}{name}.lora_A.weight"] = _whole(m.lora_A.detach()).float().cpu().contiguous()
+        out[f"{_PREFIX}{name}.lora_B.weight"] = _whole(m.lora_B.detach()).float().cpu().contiguous()
     return out
 
 
@@ -47,7 +62,7 @@ def load_lora_state(model: CausalLM, state: dict[str, torch.Tensor], where: obje
                 if t.shape != p.shape:
                     raise InputError(f"adapter tensor for {name}.lora_{ab} has shape {tuple(t.shape)}, the model "
                                      f"expects {tuple(p.shape)}", path=where)
-                p.copy_(t.to(p.device, p.dtype))
+                p.copy_(_like(t, p))
 
 
 def peft_config(model: CausalLM) -> dict[str, Any]:
@@ -67,14 +82,16 @@ def _write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_adapter(model: CausalLM, out: str | os.PathLike[str], summary: dict[str, Any] | None = None) -> Path:
-    """Write the adapter files into the folder ``out`` (created if needed), each file atomically."""
+def save_adapter(model: CausalLM, out: str | os.PathLike[str], summary: dict[str, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter files into the folder ``out`` (created if needed), each file atomically. ``state``:
+    the weights from :func:`lora_state`, when already gathered (a sharded model's, on the rank that writes)."""
     from safetensors.torch import save_file
 
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     with atomic_file(dest / ADAPTER_WEIGHTS, force=True) as tmp:
-        save_file(lora_state(model), str(tmp), metadata={"format": "pt"})
+        save_file(lora_state(model) if state is None else state, str(tmp), metadata={"format": "pt"})
     _write_json(dest / ADAPTER_CONFIG, peft_config(model))
     info = {"base_model": model.info["model"], "layout": model.info["layout"], "dtype": model.info["dtype"],
             "architecture": model.arch.model_type, **(summary or {})}

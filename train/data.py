@@ -37,10 +37,15 @@ class Example:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def n_targets(self) -> int:
+        """How many of :meth:`labels` carry loss (what a packed batch of this example counts as targets)."""
+        return sum(self.loss_mask[1:])
+
     def labels(self) -> list[int]:
         """Next-token labels: ``labels[i] = ids[i+1]`` where token ``i+1`` carries loss, else -100 (the last
         position has no next token)."""
-        out = [tok if m else IGNORE for tok, m in zip(self.ids[1:], self.loss_mask[1:])]
+        out = [tok if m else IGNORE for tok, m in zip(self.ids[1:], self.loss_mask[1:], strict=True)]
         return out + [IGNORE]
 
 

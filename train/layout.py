@@ -8,6 +8,8 @@ weight, already on ``device``.
 * :class:`UniformLayout`: every projection in one format (``nf4`` with double quantization by default; a float
   format such as ``bf16`` for plain 16-bit LoRA).
 * :class:`Bnb4PlanLayout`: a ``target: bnb4`` plan; modules it lists in ``skip_modules`` stay 16-bit.
+* :class:`~.gguf_base.GgufPlanLayout` / :class:`~.gguf_base.GgufFileLayout`: a GGUF plan applied in memory, or a
+  GGUF file read directly; they also give the embedding and output head as the GGUF holds them (:meth:`tensor`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,16 @@ class BaseLayout(Protocol):
         """The weight ``name`` (an HF tensor name ending in ``.weight``) on ``device``; ``dtype`` is the compute
         dtype (the float format kept for 16-bit modules)."""
 
+    def tensor(self, name: str, source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A frozen non-projection tensor (embedding, norm, bias, output head) in ``dtype`` on ``device``."""
+
     def describe(self) -> dict[str, Any]:
         """What to record beside the adapter so the base can be rebuilt exactly."""
+
+
+def source_tensor(name: str, source: ModelSource, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The checkpoint's tensor as stored, cast to ``dtype`` (what 16-bit and bitsandbytes layouts keep)."""
+    return source.get(name).to(device=device, dtype=dtype)
 
 
 def _load(name: str, source: ModelSource, device: torch.device) -> torch.Tensor:
@@ -66,6 +76,8 @@ class UniformLayout:
         if FORMATS[fmt].family is Family.FLOAT:
             return QuantWeight.quantize(w.to(dtype), fmt)
         return QuantWeight.quantize(w, fmt, double_quant=self.double_quant)
+
+    tensor = staticmethod(source_tensor)
 
     def describe(self) -> dict[str, Any]:
         return {"base_format": self.fmt or "compute-dtype", "double_quant": self.double_quant}
@@ -104,6 +116,8 @@ class Bnb4PlanLayout:
         if skip_matches(module, list(self.plan.skip_modules)):
             return QuantWeight.quantize(w.to(dtype), float_format(dtype))
         return QuantWeight.quantize(w, self.plan.quant_type, double_quant=self.plan.double_quant)
+
+    tensor = staticmethod(source_tensor)
 
     def describe(self) -> dict[str, Any]:
         return {"base_format": "bnb4-plan", "plan_file": self.source, "plan": self.plan.to_dict()}

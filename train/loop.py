@@ -2,8 +2,10 @@
 
 The loss of an optimizer step is the mean over every target token of its micro-batches (each micro-batch's
 summed loss is divided by the step's total target count before ``backward``), so how examples are packed or split
-into micro-batches does not change the gradient. Nothing here assumes one process: the loop reads its batches
-from a :class:`~.packing.Schedule` and only ``output_dir`` writes happen on the side.
+into micro-batches does not change the gradient. Under ``torchrun`` (:mod:`.distributed`) every rank runs this loop
+on the same global schedule, takes its share of each step's examples and divides by the step's global target
+count; the gradients are summed over ranks (all-reduced, or reduce-scattered when sharded), so a run's result does
+not depend on the number of ranks. Only rank 0 writes files and calls ``on_step``.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dist_core
 from ..errors import InputError, OutputExists
 from ..io import atomic_file
-from .adapter import save_adapter
+from .adapter import lora_state, save_adapter
 from .checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import Example, build_examples
+from .distributed import Parallel, place_optimizer_state, reseed, setup
 from .model import CausalLM
 from .optim import make_optimizer, make_scheduler, optimizer_name
-from .packing import Schedule, make_batch, pack_indices
+from .packing import Schedule, dummy_batch, make_batch, pack_indices, rank_batches
 
 LOG_FILE = "train_log.jsonl"
 
@@ -59,20 +63,32 @@ def split_examples(examples: list[Example], eval_split: float, seed: int) -> tup
 
 
 @torch.no_grad()
-def evaluate(model: CausalLM, examples: list[Example], batch_tokens: int) -> float | None:
-    """Mean token loss over ``examples`` (packed, in order), or ``None`` without examples."""
+def evaluate(model: CausalLM, examples: list[Example], batch_tokens: int,
+             parallel: Parallel | None = None) -> float | None:
+    """Mean token loss over ``examples`` (packed, in order), or ``None`` without examples. Under several ranks
+    (a collective) each rank evaluates a token-balanced share of the packed batches."""
     if not examples:
         return None
+    par = parallel or Parallel()
     was = model.training
     model.eval()
+    groups = pack_indices([len(e) for e in examples], list(range(len(examples))), batch_tokens)
+    owners = dist_core.partition([sum(len(examples[i]) for i in g) for g in groups], par.world)
+    mine = [g for g, o in zip(groups, owners, strict=True) if o == par.rank]
+    rounds = max(owners.count(r) for r in range(par.world)) if par.sharded else len(mine)
     total, count = 0.0, 0
-    for group in pack_indices([len(e) for e in examples], list(range(len(examples))), batch_tokens):
-        batch = make_batch([examples[i] for i in group])
-        if batch.n_targets == 0:
+    for k in range(rounds):
+        batch = make_batch([examples[i] for i in mine[k]]) if k < len(mine) else dummy_batch()
+        if batch.n_targets == 0 and not par.sharded:
             continue
         ids, labels, pos, pack = batch.to(model.device)
-        total += float(model.loss(ids, pos, labels, pack))
-        count += batch.n_targets
+        loss = float(par.loss(model, ids, pos, labels, pack))
+        if k < len(mine):
+            total += loss
+            count += batch.n_targets
+    if par.root is not None:
+        par.root.reshard()
+    total, count = par.sum([total, float(count)])
     model.train(was)
     return total / count if count else None
 
@@ -108,9 +124,13 @@ def _oom(step: int, batch_tokens: int, cfg: TrainConfig) -> InputError:
 class Trainer:
     """One run's state: model, data schedule, optimizer, scheduler, log."""
 
-    def __init__(self, model: CausalLM, train_ex: list[Example], eval_ex: list[Example], cfg: TrainConfig):
+    def __init__(self, model: CausalLM, train_ex: list[Example], eval_ex: list[Example], cfg: TrainConfig,
+                 parallel: Parallel | None = None):
         self.model, self.train_ex, self.eval_ex, self.cfg = model, train_ex, eval_ex, cfg
-        self.schedule = Schedule([len(e) for e in train_ex], cfg.batch_tokens, cfg.seed)
+        self.par = parallel or Parallel()
+        self.lengths = [len(e) for e in train_ex]
+        self.targets = [e.n_targets for e in train_ex]
+        self.schedule = Schedule(self.lengths, cfg.batch_tokens, cfg.seed)
         if cfg.max_steps is not None:
             self.total_steps = cfg.max_steps
             self.total_micro = cfg.max_steps * cfg.grad_accum
@@ -118,30 +138,38 @@ class Trainer:
             self.total_micro = self.schedule.micro_batches_in(cfg.epochs)
             self.total_steps = math.ceil(self.total_micro / cfg.grad_accum)
         params = [p for m in model.lora_modules().values() for p in (m.lora_A, m.lora_B)]
-        self.opt = make_optimizer(params, cfg, model.device)
+        self.optimizer_name = optimizer_name(self.par.optimizer_config(cfg), model.device)
+        self.opt = make_optimizer(params, self.par.optimizer_config(cfg), model.device)
         self.sched = make_scheduler(self.opt, cfg, self.total_steps)
         self.params = params
         self.log: list[dict[str, Any]] = []
 
     def step(self, step: int) -> dict[str, Any]:
-        """One optimizer step; returns its log record."""
-        cfg, model = self.cfg, self.model
+        """One optimizer step; returns its log record (the same on every rank but for ``seconds``)."""
+        cfg, model, par = self.cfg, self.model, self.par
         t0 = time.perf_counter()
         micro = range(step * cfg.grad_accum, min((step + 1) * cfg.grad_accum, self.total_micro))
         picks = [self.schedule.micro_batch(g) for g in micro]
-        batches = [make_batch([self.train_ex[i] for i in idx]) for _, idx in picks]
-        n_targets = sum(b.n_targets for b in batches)
+        n_targets = sum(self.targets[i] for _, idx in picks for i in idx)
+        tokens = sum(self.lengths[i] for _, idx in picks for i in idx)
+        shares = rank_batches(picks, self.lengths, cfg.batch_tokens, par.world)
+        mine = [make_batch([self.train_ex[i] for i in idx]) for idx in shares[par.rank]]
+        if par.sharded:  # every rank makes the same number of passes through the sharded layers
+            mine += [dummy_batch()] * (max(len(s) for s in shares) - len(mine))
         loss_sum = 0.0
-        for b in batches:
-            if b.n_targets == 0:
+        for b in mine:
+            if b.n_targets == 0 and not par.sharded:
                 continue
             ids, labels, pos, pack = b.to(model.device)
-            loss = model.loss(ids, pos, labels, pack)
-            (loss / n_targets).backward()
+            loss = par.loss(model, ids, pos, labels, pack)
+            (loss / max(n_targets, 1)).backward()
             loss_sum += float(loss.detach())
+        par.reduce_gradients(self.params)
+        if par.world > 1:
+            loss_sum = par.sum([loss_sum])[0]
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            grad_norm = par.grad_norm(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
@@ -149,49 +177,70 @@ class Trainer:
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         dt = time.perf_counter() - t0
-        tokens = sum(b.n_tokens for b in batches)
         return {"step": step + 1, "epoch": picks[-1][0] if picks else 0, "loss": loss_sum / max(n_targets, 1),
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "targets": n_targets, "seconds": dt,
-                "tokens_per_s": tokens / dt if dt > 0 else None, "peak_gib": _peak_gib(model.device),
+                "tokens_per_s": tokens / dt if dt > 0 else None, "peak_gib": par.max(_peak_gib(model.device)),
                 "total_steps": self.total_steps}
 
 
 def train(model: CausalLM, tokenizer: Any, data: Any, config: TrainConfig | None = None,
           output_dir: str | os.PathLike[str] = "adapter", *, resume: str | os.PathLike[str] | None = None,
           force: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None,
-          progress: Any = None) -> TrainResult:
+          progress: Any = None, shard: bool = False) -> TrainResult:
     """Train ``model``'s LoRA on ``data`` (a JSONL/Parquet path, a saved dataset folder or a ``datasets.Dataset``)
     and save the adapter in PEFT format to ``output_dir``, with ``train_log.jsonl`` and checkpoints inside.
 
     ``resume``: a checkpoint folder (or an output folder holding ``checkpoints/``) to continue from; its settings
     must equal ``config``'s. ``on_step(record)`` is called after every optimizer step and evaluation (a progress
     bar hooks in here); ``progress`` wraps the tokenization loop.
+
+    Under ``torchrun`` every rank calls this with its own model (joining the job if no process group exists yet;
+    on CUDA call :func:`~.distributed.init_distributed` before loading so each rank's model is on its own GPU):
+    data parallel by default, FSDP2 with ``shard=True`` (:mod:`.fsdp`; the model then runs only through the
+    sharded root). ``on_step`` and ``progress`` are used on rank 0 only, which alone writes ``output_dir``.
     """
     cfg = config or TrainConfig()
     if model.info["lora"] != cfg.lora_spec():
         raise InputError(f"the model carries LoRA {model.info['lora']}, the config asks for {cfg.lora_spec()}; "
                          "load the model with lora=config.lora_spec()")
-    out = Path(output_dir)
-    _prepare_output(out, force, resume is not None)
+    with dist_core.launch(model.device.type) as group:
+        par = setup(model, cfg, shard, group)
+        main = group.is_main
+        return _run(model, tokenizer, data, cfg, Path(output_dir), par, resume, force,
+                    on_step if main else None, progress if main else None)
+
+
+def _run(model: CausalLM, tokenizer: Any, data: Any, cfg: TrainConfig, out: Path, par: Parallel,
+         resume: str | os.PathLike[str] | None, force: bool, on_step: Callable[[dict[str, Any]], None] | None,
+         progress: Any) -> TrainResult:
+    group = par.group
+    group.on_main(lambda: _prepare_output(out, force, resume is not None))
     examples, stats = build_examples(data, tokenizer, cfg.max_seq_len, progress)
     train_ex, eval_ex = split_examples(examples, cfg.eval_split, cfg.seed)
-    stats.update({"train_examples": len(train_ex), "eval_examples": len(eval_ex),
-                  "optimizer": optimizer_name(cfg, model.device)})
-    tr = Trainer(model, train_ex, eval_ex, cfg)
+    tr = Trainer(model, train_ex, eval_ex, cfg, par)
+    stats.update({"train_examples": len(train_ex), "eval_examples": len(eval_ex), "optimizer": tr.optimizer_name})
     start = 0
     if resume is not None:
-        r = load_checkpoint(resume, model)
+        r = load_checkpoint(resume, model, par)
         diff = cfg.differences(r.config)
         if diff:
             raise InputError(f"the checkpoint was made with other settings ({', '.join(diff)}); resume with the "
                              "same settings")
-        tr.opt.load_state_dict(r.optimizer)
+        if r.optimizer_name not in (None, tr.optimizer_name):
+            raise InputError(f"the checkpoint holds {r.optimizer_name} states and this run uses "
+                             f"{tr.optimizer_name}; resume with --optimizer {r.optimizer_name}"
+                             + (" and without --shard (sharded runs use adamw)" if par.sharded else ""))
+        tr.opt.load_state_dict(place_optimizer_state(r.optimizer, tr.params))
         tr.sched.load_state_dict(r.scheduler)
-        set_rng_state(r.rng, model.device)
+        if r.rng is not None:
+            set_rng_state(r.rng, model.device)
+        else:
+            reseed(cfg.seed, r.step, par.rank)
         start, tr.log = r.step, r.log
     else:
-        torch.manual_seed(cfg.seed)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+        torch.manual_seed(cfg.seed + par.rank)
+    if not par.sharded:
+        model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
 
     def record(rec: dict[str, Any]) -> None:
@@ -201,7 +250,7 @@ def train(model: CausalLM, tokenizer: Any, data: Any, config: TrainConfig | None
 
     initial = None
     if start == 0 and eval_ex:
-        initial = evaluate(model, eval_ex, cfg.batch_tokens)
+        initial = evaluate(model, eval_ex, cfg.batch_tokens, par)
         record({"step": 0, "eval_loss": initial, "total_steps": tr.total_steps})
     elif eval_ex:
         initial = next((r["eval_loss"] for r in tr.log if r.get("step") == 0 and "eval_loss" in r), None)
@@ -213,17 +262,23 @@ def train(model: CausalLM, tokenizer: Any, data: Any, config: TrainConfig | None
         record(rec)
         done = step + 1
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done < tr.total_steps and eval_ex:
-            record({"step": done, "eval_loss": evaluate(model, eval_ex, cfg.batch_tokens),
+            record({"step": done, "eval_loss": evaluate(model, eval_ex, cfg.batch_tokens, par),
                     "total_steps": tr.total_steps})
         if done % cfg.save_steps == 0 and done < tr.total_steps:
-            save_checkpoint(out, model, tr.opt, tr.sched, done, cfg, tr.log, cfg.keep_checkpoints)
-            _write_log(out, tr.log)
-    final = evaluate(model, eval_ex, cfg.batch_tokens)
+            save_checkpoint(out, model, tr.opt, tr.sched, done, cfg, tr.log, cfg.keep_checkpoints, par,
+                            tr.optimizer_name)
+            group.on_main(lambda: _write_log(out, tr.log))
+    final = evaluate(model, eval_ex, cfg.batch_tokens, par)
     if final is not None:
         record({"step": tr.total_steps, "eval_loss": final, "total_steps": tr.total_steps})
     train_losses = [r["loss"] for r in tr.log if "loss" in r]
     summary = {"train_config": cfg.to_dict(), "steps": tr.total_steps, "eval_loss": final,
-               "initial_eval_loss": initial, "data": stats}
-    save_adapter(model, out, summary)
-    _write_log(out, tr.log)
+               "initial_eval_loss": initial, "data": stats, "parallel": par.describe()}
+    state = lora_state(model) if par.sharded or group.is_main else None
+
+    def write() -> None:
+        save_adapter(model, out, summary, state)
+        _write_log(out, tr.log)
+
+    group.on_main(write)
     return TrainResult(out, tr.total_steps, train_losses[-1] if train_losses else None, final, initial, tr.log, stats)

@@ -4,6 +4,10 @@ A batch is one flat token sequence: ``input_ids`` / ``labels`` / ``position_ids`
 restarting at 0 per example, plus the example lengths (attention never crosses them). The order of examples is a
 seeded shuffle per epoch, filled greedily in that order, so the schedule of batches is a pure function of the
 seed: a resumed run rebuilds it and continues at its step.
+
+Under several ranks the schedule stays the global one (the same optimizer steps, examples and token counts for
+any number of ranks); :func:`rank_batches` splits each step's examples among the ranks, token-balanced and the
+same on every rank, and each rank packs its share into micro-batches of at most ``batch_tokens``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import partition
 from ..errors import InputError
 from .attention import PackInfo
 from .data import Example
@@ -101,3 +106,35 @@ class Schedule:
 
     def micro_batches_in(self, epochs: int) -> int:
         return sum(len(self.epoch(e)) for e in range(epochs))
+
+
+def rank_batches(picks: list[tuple[int, list[int]]], lengths: list[int], batch_tokens: int,
+                 world: int) -> list[list[list[int]]]:
+    """Each rank's micro-batches (lists of example indices) for one optimizer step made of the global
+    micro-batches ``picks`` (``(epoch, indices)``, from :meth:`Schedule.micro_batch`).
+
+    One rank keeps the global micro-batches as they are. Several ranks each get a token-balanced share of the
+    step's examples (:func:`quantforge.distributed.partition`, in schedule order), packed greedily in that order
+    into micro-batches of at most ``batch_tokens``, a new one starting at each epoch change as in the global
+    schedule. The split only moves examples between micro-batches, so the step's summed loss and gradient are
+    those of the global micro-batches (up to the order of float additions).
+    """
+    if world == 1:
+        return [[idx for _, idx in picks]]
+    items = [(epoch, i) for epoch, idx in picks for i in idx]
+    owners = partition([lengths[i] for _, i in items], world)
+    shares: list[list[list[int]]] = []
+    for r in range(world):
+        mine = [(epoch, i) for (epoch, i), o in zip(items, owners, strict=True) if o == r]
+        groups: list[list[int]] = []
+        for epoch in dict.fromkeys(e for e, _ in mine):
+            groups += pack_indices(lengths, [i for e, i in mine if e == epoch], batch_tokens)
+        shares.append(groups)
+    return shares
+
+
+def dummy_batch() -> Batch:
+    """A one-token batch without targets (its loss is 0 and reaches no gradient): what a rank with no examples
+    left runs so that every rank of a sharded model makes the same number of forward/backward passes."""
+    zero = torch.zeros(1, dtype=torch.long)
+    return Batch(zero, torch.full((1,), -100, dtype=torch.long), zero.clone(), [1])

@@ -18,7 +18,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="adapter folder (PEFT format, with train_log.jsonl)")
     p.add_argument("--plan", default=None, help="bnb4 plan file: its skip_modules stay 16-bit")
     p.add_argument("--base-format", default="nf4",
-                   help="base weight format without a plan: nf4 (default), fp4, bf16/f16/f32 or 16bit (compute dtype)")
+                   help="base weight format without a plan: nf4 (default), fp4, bf16/f16/f32 or 16bit (compute dtype); "
+                        "gguf with --plan: a gguf plan's per-tensor types, quantized in memory as 'quantforge "
+                        "quantize --plan' writes them")
+    p.add_argument("--base-gguf", default=None, metavar="FILE",
+                   help="train on the weights of this GGUF file of MODEL (ours or llama.cpp's): its tensor types "
+                        "are the layout")
     p.add_argument("--no-double-quant", action="store_true", help="nf4/fp4 without nested 8-bit absmax")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -46,6 +51,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--resume", default=None, help="checkpoint folder (or the output folder) to continue from")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard base weights, LoRA and optimizer states across ranks (FSDP2) instead "
+                        "of a whole model per rank (data parallel)")
     p.set_defaults(func=run)
 
 
@@ -94,25 +102,51 @@ def _tqdm(total: int) -> Any:
 
 
 def run(args: Any) -> int:
+    """Under torchrun (``WORLD_SIZE`` > 1) every rank runs this on its own GPU (``--device cuda`` is each rank's
+    own): data parallel, or FSDP2 with ``--shard``; rank 0 writes the adapter and reports."""
+    import importlib.util
+
+    import torch
+
+    from quantforge.errors import MissingExtra
+
+    if importlib.util.find_spec("datasets") is None:
+        raise MissingExtra("quantforge train (reading --data)", "train", "datasets")
+
+    from quantforge import distributed
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with distributed.launch(device) as group:
+        return _run(args, group, device)
+
+
+def _run(args: Any, group: Any, device: str) -> int:
     from quantforge.errors import InputError
-    from quantforge.train import load_model, load_tokenizer, train
+    from quantforge.train import layer_sharder, load_model, load_tokenizer, train
 
     cfg = _config(args)
-    if args.plan is not None and args.base_format not in ("nf4", None):
-        raise InputError("--plan sets the base layout; leave out --base-format")
+    if args.plan is not None and args.base_format not in ("nf4", "gguf", None):
+        raise InputError("--plan sets the base layout; leave out --base-format (or pass gguf with a gguf plan)")
+    if args.base_gguf is not None and args.base_format not in ("nf4", "gguf", None):
+        raise InputError("--base-gguf sets the base layout; leave out --base-format")
     try:
         model = load_model(args.model, lora=cfg.lora_spec(), base_format=args.base_format, plan=args.plan,
-                           double_quant=not args.no_double_quant, device=args.device, seed=cfg.seed,
-                           progress=progress)
+                           double_quant=not args.no_double_quant, base_gguf=args.base_gguf,
+                           device=group.local_device(device), seed=cfg.seed,
+                           progress=progress if group.is_main else None,
+                           on_layer=layer_sharder(cfg.gradient_checkpointing) if args.shard and group.distributed
+                           else None)
         bar = _Bar()
         try:
             result = train(model, load_tokenizer(model.info["path"]), args.data, cfg, args.output,
-                           resume=args.resume, force=args.force, on_step=bar, progress=progress)
+                           resume=args.resume, force=args.force, on_step=bar, progress=progress, shard=args.shard)
         finally:
             bar.close()
     except _oom_types() as exc:
         raise InputError("out of GPU memory while loading the model; use a smaller --base-format (nf4) or a "
                          "plan that keeps fewer modules 16-bit") from exc
+    if not group.is_main:
+        return 0
     held = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
     first = f"{result.initial_eval_loss:.4f} -> " if result.initial_eval_loss is not None else ""
     out(f"wrote {result.output_dir} ({result.steps} steps, {result.data['train_examples']} training examples; "
