@@ -4,6 +4,11 @@ GGUF candidates come from the registry and are filtered by row length: a 576-wid
 K-quant block, so a requested K type is replaced by llama.cpp's fallback (``presets.FALLBACK``) and the 32-block
 legacy and IQ4 types are offered as well. ``f16`` is always the top (zero cost). ``nf4`` is the bitsandbytes
 candidate of a Dynamic 4-bit plan (linear modules only).
+
+The 1- to 3-bit i-quants are default candidates, so plans can reach 1.5-3 bits per weight. A tensor without an
+imatrix (``has_imatrix``; the token embedding and output, which the imatrix pass does not record) is offered none of
+the types that need one for it (``presets.needs_imatrix``: llama-quantize exempts token_embd and output, ggml does
+not for IQ1_S, IQ2_XXS and IQ2_XS).
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from typing import Any
 
 from ..errors import UnsupportedFormat
 from ..formats import FORMATS, Family, get_format
-from ..presets import FALLBACK
+from ..presets import FALLBACK, needs_imatrix
 
-DEFAULT_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0", "nf4")
+#: The 1- to 3-bit i-quants (lowest bits first).
+LOW_BIT_CANDIDATES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s")
+DEFAULT_CANDIDATES = (*LOW_BIT_CANDIDATES, "q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0", "nf4")
 SMALL_ROW_TYPES = ("q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0")
 TOP = "f16"
 
@@ -27,9 +34,11 @@ def parse_candidates(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def gguf_candidates(requested: list[str], n_per_row: int) -> list[str]:
-    """GGUF formats to try for rows of ``n_per_row``, lowest bits first, always ending with ``f16``."""
+def gguf_candidates(requested: list[str], n_per_row: int, has_imatrix: bool = True, tensor: str = "") -> list[str]:
+    """GGUF formats to try for rows of ``n_per_row``, lowest bits first, always ending with ``f16``; without an
+    imatrix for ``tensor`` (GGUF name), none of the types that need one for it."""
     out: list[str] = []
+    requested = [n for n in requested if has_imatrix or not needs_imatrix(n, tensor)]
     for name in requested:
         fmt = get_format(name)
         if fmt.family is Family.BNB:

@@ -17,8 +17,15 @@ def reference_type(cands: dict[str, Any]) -> str | None:
     return min(gguf, key=lambda t: (abs(get_format(t).bits_per_weight - 4.5), t))
 
 
+def low_bit_type(cands: dict[str, Any]) -> str | None:
+    """The GGUF candidate nearest 2 bits per weight among those below 3 (``iq2_xxs`` when offered), else None."""
+    low = [t for t in cands if t not in ("f16", "nf4") and get_format(t).bits_per_weight < 3.0]
+    return min(low, key=lambda t: (abs(get_format(t).bits_per_weight - 2.0), t)) if low else None
+
+
 def plot_sensitivity(table: dict[str, Any], path: str | Path) -> Path:
-    """Two heat maps (kind x layer) of log10 predicted KLD: at the ~4.5 bpw GGUF type and at nf4; measured
+    """Heat maps (kind x layer) of log10 predicted KLD: at the ~4.5 bpw GGUF type, the ~2 bpw one (the i-quants,
+    where offered) and nf4; measured
     cells are dotted. Non-layer tensors (embedding, output) are listed in the title."""
     import matplotlib
 
@@ -29,7 +36,8 @@ def plot_sensitivity(table: dict[str, Any], path: str | Path) -> Path:
     tensors = table["tensors"]
     layers = sorted({e["layer"] for e in tensors.values() if e["layer"] is not None})
     kinds = sorted({e["kind"] for e in tensors.values() if e["layer"] is not None})
-    panels = [("~4.5 bpw GGUF type", reference_type), ("nf4", lambda c: "nf4" if "nf4" in c else None)]
+    panels = [("~4.5 bpw GGUF type", reference_type), ("~2 bpw GGUF type", low_bit_type),
+              ("nf4", lambda c: "nf4" if "nf4" in c else None)]
     panels = [p for p in panels if any(p[1](e["candidates"]) for e in tensors.values() if e["layer"] is not None)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.3 * len(layers) + 2), 2.2 + 2.0 * len(panels)),
                              squeeze=False)

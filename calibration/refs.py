@@ -36,7 +36,7 @@ def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[
     emb = runner.decoder.embed_tokens
     row = int(emb.weight.shape[1])
     refs.append(TensorRef("token_embd.weight", names[id(emb)] + ".weight", "token_embd", None, emb,
-                          cand.gguf_candidates(requested, row)))
+                          cand.gguf_candidates(requested, row, has_imatrix=False, tensor="token_embd.weight")))
     for i, layer in enumerate(runner.layers):
         for _, mod in linear_modules(layer).items():
             hf = names[id(mod)] + ".weight"
@@ -52,7 +52,8 @@ def tensor_refs(runner: DecoderRunner, spec: Any, requested: list[str]) -> list[
     if not runner.tied:
         head = runner.lm_head
         refs.append(TensorRef("output.weight", names[id(head)] + ".weight", "output", None, head,
-                              cand.gguf_candidates(requested, int(head.weight.shape[1]))))
+                              cand.gguf_candidates(requested, int(head.weight.shape[1]), has_imatrix=False,
+                                                  tensor="output.weight")))
     return refs
 
 

@@ -51,5 +51,9 @@ def rows_out(blocks: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf``: half away from zero (``torch.round`` is half to even, i.e. ggml's ``nearest_int``)."""
-    return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    """C ``roundf``: half away from zero (``torch.round`` is half to even, i.e. ggml's ``nearest_int``).
+
+    Ties are found exactly (``x - trunc(x)`` is exact in float32); ``floor(|x| + 0.5)`` would round 0.49999997 up,
+    since that sum rounds to 1.0."""
+    t = torch.trunc(x)
+    return torch.where((x - t).abs() == 0.5, t + torch.sign(x), torch.round(x))

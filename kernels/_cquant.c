@@ -1196,8 +1196,11 @@ HOT static void enc_q8_0(const float *restrict x, uint8_t *restrict out, i64 b0,
         float inv = d == 0.0f ? 0.0f : 1.0f / d;
         put_f16(ob, 0, d);
         for (int j = 0; j < 32; j++) {
-            float v = xb[j] * inv;
-            uint32_t r = (uint32_t)to_i32(fabsf(v) + 0.5f); /* roundf: truncation is floor for |v| + 0.5 >= 0 */
+            float v = xb[j] * inv, a = fabsf(v);
+            /* roundf: a - trunc(a) is exact, so ties are found exactly (a + 0.5f would round 0.49999997 up to
+             * 1); a non-finite a (subnormal blocks) stays INT32_MIN, as the reference's conversion gives */
+            uint32_t r = (uint32_t)to_i32(a);
+            r += (a - (float)(int32_t)r >= 0.5f) & (r != 0x80000000u);
             ob[2 + j] = (v < 0.0f ? 0u - r : r) & 255;
         }
     }

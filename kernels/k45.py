@@ -10,6 +10,12 @@ nibble; in Q5_K bit 4 of element ``32j + l`` is bit ``j`` of ``qh[l]``.
 Quantization follows ``quantize_row_q{4,5}_K_ref`` without an imatrix and ``quantize_row_q{4,5}_K_impl`` with one
 (GGUF.md §2.2), vectorized over all super-blocks (:mod:`._kq_common`, :mod:`._search`); the Triton dequantize goes
 through the registry tiles (:mod:`.tiles`).
+
+Without an imatrix, CUDA tensors are quantized by one Triton kernel (:func:`quantize_triton`) with the reference's
+bytes: each program takes ``BLOCK_S`` super-blocks as a ``(BLOCK_S, 8)`` tile of sub-blocks and walks the 32
+positions of a sub-block in order for every pass of the search, so each sub-block's float32 sums are the
+reference's sequential sums; every operation rounds once (``enable_fp_fusion=False``, ``div_rn``, ``sqrt_rn``,
+round-half-even through ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for the code ranges here).
 """
 
 from __future__ import annotations
@@ -20,6 +26,141 @@ import torch
 
 from ..formats import QuantFormat, get_format
 from ._kq_common import byte_blocks, fp16_bytes, q45_encode, q45_scales, quantize_rows
+from ._search import f32
+from ._triton import HAVE_TRITON, check_launchable, tl, triton
+
+BLOCK_S = 32
+"""Super-blocks per Triton program (a (32, 8) tile of sub-blocks; 32 KB of weights, re-read from L1 by each pass)."""
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rne(v):
+        """Round half to even (ggml's ``nearest_int``) for |v| < 2**22."""
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _codes(x, m, isc, NMAX: tl.constexpr):
+        return tl.minimum(tl.maximum(_rne((x - m) * isc), 0.0), NMAX)
+
+    @triton.jit
+    def _q45_kernel(x_ptr, out_ptr, cand_ptr, S, NMAX: tl.constexpr, NSTEP: tl.constexpr, FIVE: tl.constexpr,
+                    TYPE_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid = tl.program_id(0)
+        sb = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+        j = tl.arange(0, 8)
+        ok = sb < S
+        mask = ok[:, None] & (j[None, :] < 8)
+        base = x_ptr + sb.to(tl.int64)[:, None] * 256 + j[None, :] * 32
+        zero = tl.zeros([BLOCK_S, 8], dtype=tl.float32)
+        # pass 1: sum of squares, min, max (sequential over the 32 positions)
+        sq = zero
+        mn = tl.load(base, mask=mask, other=0.0)
+        mx = mn
+        for i in range(32):
+            xi = tl.load(base + i, mask=mask, other=0.0)
+            sq = sq + xi * xi
+            mn = tl.minimum(mn, xi)
+            mx = tl.maximum(mx, xi)
+        av = tl.sqrt_rn(tl.math.div_rn(sq, zero + 32.0))
+        # pass 2: weights w = |x| + av, sum_w, sum_x = sum(w * x)
+        sum_w = zero
+        sum_x = zero
+        for i in range(32):
+            xi = tl.load(base + i, mask=mask, other=0.0)
+            w = tl.abs(xi) + av
+            sum_w = sum_w + w
+            sum_x = sum_x + w * xi
+        mn = tl.minimum(mn, 0.0)
+        flat = mx == mn
+        rng = tl.where(flat, 1.0, mx - mn)
+        iscale = tl.math.div_rn(zero + NMAX, rng)
+        scale = tl.math.div_rn(zero + 1.0, iscale)
+        best = zero
+        for i in range(32):
+            xi = tl.load(base + i, mask=mask, other=0.0)
+            w = tl.abs(xi) + av
+            d = _codes(xi, mn, iscale, NMAX) * scale + mn - xi
+            best = best + d * d * w
+        best_iscale = iscale
+        best_base = mn
+        cur_min = mn
+        for k in range(NSTEP + 1):
+            isc = tl.math.div_rn(zero + tl.load(cand_ptr + k), mx - cur_min)
+            sum_l = zero
+            sum_l2 = zero
+            sum_xl = zero
+            for i in range(32):
+                xi = tl.load(base + i, mask=mask, other=0.0)
+                w = tl.abs(xi) + av
+                a = w * _codes(xi, cur_min, isc, NMAX)
+                sum_l = sum_l + a
+                sum_l2 = sum_l2 + a * _codes(xi, cur_min, isc, NMAX)
+                sum_xl = sum_xl + a * xi
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, D)
+            this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, D)
+            over = this_min > 0
+            this_min = tl.where(over, 0.0, this_min)
+            this_scale = tl.where(over, tl.math.div_rn(sum_xl, sum_l2), this_scale)
+            cur = zero
+            for i in range(32):
+                xi = tl.load(base + i, mask=mask, other=0.0)
+                w = tl.abs(xi) + av
+                d = _codes(xi, cur_min, isc, NMAX) * this_scale + this_min - xi
+                cur = cur + d * d * w
+            acc = (D > 0) & (cur < best)
+            best = tl.where(acc, cur, best)
+            scale = tl.where(acc, this_scale, scale)
+            best_iscale = tl.where(acc, isc, best_iscale)
+            best_base = tl.where(acc, cur_min, best_base)
+            cur_min = tl.where(acc, this_min, cur_min)
+        the_min = -tl.where(flat, mn, cur_min)
+        scale = tl.where(flat, 0.0, scale)
+        # super-block scales: 6-bit sub-block scales and mins against the largest of each
+        max_scale = tl.max(scale, axis=1)
+        max_scale = tl.where(max_scale > 0, max_scale, 0.0)
+        max_min = tl.max(the_min, axis=1)
+        max_min = tl.where(max_min > 0, max_min, 0.0)
+        one = tl.zeros([BLOCK_S], dtype=tl.float32) + 1.0
+        inv_s = tl.where(max_scale > 0, tl.math.div_rn(one * 63.0, tl.where(max_scale > 0, max_scale, 1.0)), 0.0)
+        inv_m = tl.where(max_min > 0, tl.math.div_rn(one * 63.0, tl.where(max_min > 0, max_min, 1.0)), 0.0)
+        ls = tl.minimum(_rne(scale * inv_s[:, None]).to(tl.int32) & 255, 63)
+        lm = tl.minimum(_rne(the_min * inv_m[:, None]).to(tl.int32) & 255, 63)
+        d16 = tl.math.div_rn(max_scale, one * 63.0).to(tl.float16)
+        m16 = tl.math.div_rn(max_min, one * 63.0).to(tl.float16)
+        dj = d16.to(tl.float32)[:, None] * ls.to(tl.float32)
+        mj = m16.to(tl.float32)[:, None] * lm.to(tl.float32)
+        out = out_ptr + sb.to(tl.int64) * TYPE_SIZE
+        db = d16.to(tl.int16, bitcast=True).to(tl.int32)
+        mb = m16.to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(out + 0, (db & 255).to(tl.uint8), mask=ok)
+        tl.store(out + 1, ((db >> 8) & 255).to(tl.uint8), mask=ok)
+        tl.store(out + 2, (mb & 255).to(tl.uint8), mask=ok)
+        tl.store(out + 3, ((mb >> 8) & 255).to(tl.uint8), mask=ok)
+        for c in tl.static_range(4):
+            s_lo = tl.sum(tl.where(j[None, :] == c, ls, 0), axis=1)
+            s_hi = tl.sum(tl.where(j[None, :] == c + 4, ls, 0), axis=1)
+            m_lo = tl.sum(tl.where(j[None, :] == c, lm, 0), axis=1)
+            m_hi = tl.sum(tl.where(j[None, :] == c + 4, lm, 0), axis=1)
+            tl.store(out + 4 + c, (s_lo | ((s_hi >> 4) << 6)).to(tl.uint8), mask=ok)
+            tl.store(out + 8 + c, (m_lo | ((m_hi >> 4) << 6)).to(tl.uint8), mask=ok)
+            tl.store(out + 12 + c, ((s_hi & 15) | ((m_hi & 15) << 4)).to(tl.uint8), mask=ok)
+        # final pass: the search's codes, re-quantized with the stored scales (a zero scale keeps them)
+        QS: tl.constexpr = 48 if FIVE else 16
+        shift = (j % 2) * 4
+        pair = tl.arange(0, 4)
+        for i in range(32):
+            xi = tl.load(base + i, mask=mask, other=0.0)
+            L = _codes(xi, best_base, best_iscale, NMAX)
+            L = tl.where(flat, 0.0, L)
+            new = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xi + mj, tl.where(dj != 0, dj, 1.0))), 0.0), NMAX)
+            q = tl.where(dj != 0, new, L).to(tl.int32)
+            if FIVE:
+                tl.store(out + 16 + i, tl.sum((q >> 4) << j[None, :], axis=1).to(tl.uint8), mask=ok)
+                q = q & 15
+            packed = tl.sum(tl.reshape(q << shift[None, :], [BLOCK_S, 4, 2]), axis=2)
+            tl.store(out[:, None] + QS + 32 * pair[None, :] + i, packed.to(tl.uint8), mask=ok[:, None])
 
 
 @dataclass(frozen=True)
@@ -47,8 +188,35 @@ class K45Codec:
         return torch.cat(parts, dim=1).to(torch.uint8)
 
     def quantize(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-        """``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, as ggml (ref path without imatrix)."""
+        """``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, as ggml (ref path without imatrix).
+
+        CUDA tensors without an imatrix go to the Triton kernel (:meth:`quantize_triton`, same bytes)."""
+        if imatrix is None and weight.is_cuda and HAVE_TRITON:
+            return self.quantize_triton(weight)
         return quantize_rows(weight, imatrix, self.fmt, self._encode)
+
+    def quantize_triton(self, weight: torch.Tensor) -> torch.Tensor:
+        """The no-imatrix quantization of :meth:`quantize` as one Triton kernel (CUDA, or CPU under
+        ``TRITON_INTERPRET=1``): ``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, the reference's bytes."""
+        check_launchable(weight.device.type)
+        fmt = self.fmt
+        x = weight.to(torch.float32).reshape(weight.shape[0], -1)
+        if x.shape[1] % fmt.block_size:
+            quantize_rows(x[:1], None, fmt, self._encode)  # raises the codec's shape error
+        x = x.contiguous()
+        S = x.numel() // fmt.block_size
+        out = torch.empty((x.shape[0], x.shape[1] // fmt.block_size * fmt.type_size), dtype=torch.uint8,
+                          device=x.device)
+        if S == 0:
+            return out
+        rmin, rdelta, nstep = self.ref_search
+        nmax = 31 if self.five_bit else 15
+        cand = torch.tensor([f32(f32(f32(rmin) + f32(f32(rdelta) * k)) + nmax) for k in range(nstep + 1)],
+                            dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(S, BLOCK_S),)
+        _q45_kernel[grid](x, out, cand, S, NMAX=nmax, NSTEP=nstep, FIVE=self.five_bit, TYPE_SIZE=fmt.type_size,
+                          BLOCK_S=BLOCK_S, num_warps=4, enable_fp_fusion=False)
+        return out
 
     def dequantize(self, data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(rows, nbytes)`` uint8 -> ``(rows, n)`` (reference)."""

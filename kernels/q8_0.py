@@ -27,8 +27,9 @@ def quantize(weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch
         as_blocks(weight[:1], QK)
         return _cpu_fast.quantize("q8_0", weight)
     x = as_blocks(weight, QK)
-    d = x.abs().amax(dim=1, keepdim=True) / 127.0
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    d = amax / torch.full_like(amax, 127.0)  # a true division: CUDA divides by a scalar through its reciprocal
+    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
     q = roundf(x * inv).to(torch.int8)
     out = torch.cat([f16_to_bytes(d), q.view(torch.uint8)], dim=1)
     return rows_out(out, weight.shape[0])

@@ -269,7 +269,7 @@ def llama3_rope_freqs(cfg: dict[str, Any]) -> Any:
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     low_wl, high_wl = old_ctx / low, old_ctx / high
     out = []
-    for f in freqs.tolist():
+    for f in freqs:  # 0-d float32 tensors: the smoothing is float32 arithmetic, as in llama.cpp's converter
         wavelen = 2 * math.pi / f
         if wavelen < high_wl:
             out.append(1.0)
@@ -277,7 +277,7 @@ def llama3_rope_freqs(cfg: dict[str, Any]) -> Any:
             out.append(factor)
         else:
             smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
     return torch.tensor(out, dtype=torch.float32)
 
 

@@ -165,3 +165,11 @@ for _f in (
 ):
     register(_f)
 del _f
+
+# The ternary types (BitNet b1.58 / TriLM weights; ggml's ref quantizers take no imatrix).
+for _f in (
+    QuantFormat("tq1_0", Family.GGUF, 256, 54, 34, _K + "tq:TQ1_0", tile=_K + "tq:tq1_0_tile"),
+    QuantFormat("tq2_0", Family.GGUF, 256, 66, 35, _K + "tq:TQ2_0", tile=_K + "tq:tq2_0_tile"),
+):
+    register(_f)
+del _f

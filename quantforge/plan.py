@@ -10,6 +10,7 @@ exactly. Example::
     tensors:
       blk.0.attn_v.weight: {type: q6_k, predicted_kld: 0.00012}
       blk.0.ffn_down.weight: q5_k  # the short form is accepted too
+      blk.1.ffn_down.weight: {type: q4_k, optimize: gptq}  # rounding mode (quantize --optimize), per tensor
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .formats import FORMATS
 PLAN_VERSION = 1
 _TOP_KEYS = {"version", "target", "base_type", "tensors", "skip_modules", "quant_type", "double_quant", "budget",
              "predicted", "calibration", "model", "notes"}
-_TENSOR_KEYS = {"type", "predicted_kld", "bytes", "bpw"}
+_TENSOR_KEYS = {"type", "predicted_kld", "bytes", "bpw", "optimize"}
 
 
 @dataclass
@@ -34,10 +35,11 @@ class TensorChoice:
     predicted_kld: float | None = None
     bytes: int | None = None
     bpw: float | None = None
+    optimize: str | None = None  # rounding mode (quantforge.rounding.MODES); None: the quantize command's
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": self.type}
-        for k in ("predicted_kld", "bytes", "bpw"):
+        for k in ("predicted_kld", "bytes", "bpw", "optimize"):
             v = getattr(self, k)
             if v is not None:
                 d[k] = round(v, 8) if isinstance(v, float) else v
@@ -61,6 +63,10 @@ class Plan:
 
     def gguf_types(self) -> dict[str, str]:
         return {name: c.type for name, c in self.tensors.items()}
+
+    def optimize_modes(self) -> dict[str, str]:
+        """The rounding mode recorded per tensor (only tensors that record one)."""
+        return {name: c.optimize for name, c in self.tensors.items() if c.optimize is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "target": self.target}
@@ -119,7 +125,13 @@ class Plan:
                 value = spec.get(key)
                 if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                     raise PlanError(f"{source}: tensor {name!r} has a non-numeric {key} {value!r}")
-            tensors[name] = TensorChoice(fmt, spec.get("predicted_kld"), spec.get("bytes"), spec.get("bpw"))
+            mode = spec.get("optimize")
+            if mode is not None:
+                from .rounding import MODES
+
+                if mode not in MODES:
+                    raise PlanError(f"{source}: tensor {name!r} has optimize {mode!r}; expected one of {list(MODES)}")
+            tensors[name] = TensorChoice(fmt, spec.get("predicted_kld"), spec.get("bytes"), spec.get("bpw"), mode)
         base = d.get("base_type")
         if base is not None:
             from .presets import get_mix

@@ -190,15 +190,16 @@ def _fill(items: Sequence[Item], choice: list[Option], budget: int) -> list[Opti
         choice[n] = o
 
 
-def gguf_items(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...]]], allowed: set[str] | None = None
-               ) -> tuple[list[Item], int]:
+def gguf_items(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...]]], allowed: set[str] | None = None,
+               has_imatrix: bool = True) -> tuple[list[Item], int]:
     """Knapsack items for the quantizable tensors of a GGUF file and the fixed bytes of the others.
 
     ``tensors`` are the file's (GGUF name, shape) pairs; tensors llama-quantize may not re-type (norms, biases)
-    keep ``f32`` and count as fixed bytes.
+    keep ``f32`` and count as fixed bytes. Without an imatrix (``has_imatrix``), the types a tensor can only take
+    with one (:func:`quantforge.presets.needs_imatrix`) are not offered.
     """
     from .formats import get_format
-    from .presets import quantizable
+    from .presets import needs_imatrix, quantizable
 
     entries = table["tensors"]
     items, fixed = [], 0
@@ -212,6 +213,8 @@ def gguf_items(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ..
         for fmt, rec in entries[name]["candidates"].items():
             if fmt == "nf4" or (allowed is not None and fmt not in allowed and fmt != "f16"):
                 continue
+            if not has_imatrix and needs_imatrix(fmt, name):
+                continue
             if rec.get("predicted_kld") is None:
                 continue
             opts.append(Option(fmt, get_format(fmt).nbytes(tuple(shape)), float(rec["predicted_kld"])))
@@ -221,9 +224,10 @@ def gguf_items(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ..
 
 def plan_gguf(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...]]], budget: int,
               base_type: str | None = None, method: str = "dp", allowed: set[str] | None = None,
-              budget_note: dict[str, Any] | None = None) -> Plan:
-    """A GGUF plan: every quantizable tensor's format, total tensor bytes ``<= budget``."""
-    items, fixed = gguf_items(table, tensors, allowed)
+              budget_note: dict[str, Any] | None = None, has_imatrix: bool = True) -> Plan:
+    """A GGUF plan: every quantizable tensor's format, total tensor bytes ``<= budget`` (without an imatrix, no
+    type that needs one)."""
+    items, fixed = gguf_items(table, tensors, allowed, has_imatrix)
     choice = solve(items, budget - fixed, method)
     n_el = sum(math.prod(s) for _, s in tensors)
     chosen_bytes = fixed + sum(o.nbytes for o in choice)

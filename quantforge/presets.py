@@ -30,10 +30,12 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     Mix("iq2_xxs", "iq2_xxs", 19), Mix("iq2_xs", "iq2_xs", 20), Mix("iq1_s", "iq1_s", 24), Mix("iq1_m", "iq1_m", 31),
     Mix("iq3_xs", "iq3_s", 22), Mix("iq3_s", "iq3_s", 26), Mix("iq3_m", "iq3_s", 27),
     Mix("iq2_s", "iq2_xs", 28), Mix("iq2_m", "iq2_s", 29), Mix("iq3_xxs", "iq3_xxs", 23),
+    Mix("q2_k_s", "q2_k", 21), Mix("tq1_0", "tq1_0", 36), Mix("tq2_0", "tq2_0", 37),
 )}
 
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 FALLBACK.update({t: "iq4_nl" for t in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s")})
+FALLBACK.update({"tq1_0": "q4_0", "tq2_0": "q4_0"})
 
 #: The 1- to 2-bit i-quant mixes, which share one rule set (``_iq_low_rule``), and the IQ3_S-based ones
 #: (``_iq3_rule``).
@@ -41,6 +43,10 @@ IQ_LOW_MIXES = ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m", "iq2_s", "iq2_m")
 IQ3_MIXES = ("iq3_xs", "iq3_s", "iq3_m")
 #: Tensor types llama-quantize makes only with an imatrix (token_embd and output exempt).
 IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs")
+#: Types ggml's quantizers themselves cannot make without an imatrix (even for token_embd and output).
+CODEC_IMATRIX_TYPES = ("iq1_s", "iq2_xxs", "iq2_xs")
+#: Mixes whose tensors of one more type need an imatrix (llama-quantize: Q2_K inside a Q2_K_S file).
+IMATRIX_TYPES_OF_MIX = {"q2_k_s": ("q2_k",)}
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
@@ -129,11 +135,13 @@ def _rule(mix: str, base: str, name: str, shape: tuple[int, ...], model: ModelSh
             return "q8_0"
         return base if base == "q8_0" else "q6_k"
     if name == "token_embd.weight":
-        return base
+        return "q4_k" if mix in ("tq1_0", "tq2_0") else base
     if name.endswith(("attn_v.weight", "attn_qkv.weight")):
         t = base
         if mix == "q2_k":
             t = "q4_k" if model.n_gqa >= 4 else "q3_k"
+        elif mix == "q2_k_s" and model.n_gqa >= 4:
+            t = "q4_k"
         elif mix == "q3_k_m":
             t = "q5_k" if i_v < 2 else "q4_k"
         elif mix == "q3_k_l":
@@ -152,6 +160,8 @@ def _rule(mix: str, base: str, name: str, shape: tuple[int, ...], model: ModelSh
     if "ffn_down" in name:
         if mix == "q2_k":
             return "q3_k"
+        if mix == "q2_k_s":
+            return "q4_k" if layer < n // 8 else base
         if mix == "q3_k_m":
             return "q5_k" if layer < n // 16 else "q4_k"
         if mix == "q3_k_l":
@@ -248,7 +258,17 @@ def _iq3_rule(mix: str, base: str, name: str, model: ModelShape, layer: int) -> 
     return base
 
 
-def imatrix_required(types: dict[str, str]) -> list[str]:
+def imatrix_required(types: dict[str, str], mix: str | None = None) -> list[str]:
     """Tensors of a mix assignment that llama-quantize refuses to make without an imatrix (every tensor typed as
-    one of :data:`IMATRIX_TYPES` except ``token_embd.weight`` and ``output.weight``)."""
-    return [n for n, t in types.items() if t in IMATRIX_TYPES and n not in ("token_embd.weight", "output.weight")]
+    one of :data:`IMATRIX_TYPES`, or of the mix's :data:`IMATRIX_TYPES_OF_MIX`, except ``token_embd.weight`` and
+    ``output.weight``)."""
+    need = (*IMATRIX_TYPES, *IMATRIX_TYPES_OF_MIX.get((mix or "").lower(), ()))
+    return [n for n, t in types.items() if t in need and n not in ("token_embd.weight", "output.weight")]
+
+
+def needs_imatrix(fmt: str, tensor: str) -> bool:
+    """Whether tensor ``tensor`` (GGUF name) can only take format ``fmt`` with an imatrix: the types llama-quantize
+    refuses without one (:data:`IMATRIX_TYPES`; ``token_embd``/``output`` exempt, as there), and for every tensor
+    the ones ggml cannot make without one (:data:`CODEC_IMATRIX_TYPES`)."""
+    exempt = tensor in ("token_embd.weight", "output.weight")
+    return fmt in CODEC_IMATRIX_TYPES or (fmt in IMATRIX_TYPES and not exempt)

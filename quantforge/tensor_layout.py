@@ -144,7 +144,7 @@ def assign_types(jobs: list[TensorJob], qtype: str, shape: ModelShape, has_imatr
                 raise PlanError(f"plan gives {name} type {fmt}, whose block size {f.block_size} does not divide "
                                 "its rows")
             types[name] = fmt
-    needs = [] if has_imatrix else imatrix_required(types)
+    needs = [] if has_imatrix else imatrix_required(types, qtype)
     if needs:
         raise ImatrixRequired(f"{types[needs[0]]} (for {needs[0]} and {len(needs) - 1} more tensors) cannot be made "
                               "without an importance matrix, as in llama-quantize; pass --imatrix")

@@ -89,20 +89,25 @@ def test_unsupported_quant_type(smollm2_dir, tmp_path, capsys):
 
 
 def test_full_disk_leaves_nothing(smollm2_dir, tmp_path, capsys, monkeypatch):
+    """The disk fills up part-way through the tensor data, in whichever writer the export uses (the pipelined
+    writer's ``os.pwrite`` or the serial path's ``GGUFWriter.write_tensor_data``)."""
     import errno
+    import os
 
     import gguf
 
-    real = gguf.GGUFWriter.write_tensor_data
-    calls = {"n": 0}
+    def fail_on_fifth(real):
+        calls = {"n": 0}
 
-    def failing(self, tensor, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, tensor, *a, **k)
+        def failing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*a, **k)
+        return failing
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail_on_fifth(gguf.GGUFWriter.write_tensor_data))
+    monkeypatch.setattr(os, "pwrite", fail_on_fifth(os.pwrite))
     out = tmp_path / "o.gguf"
     code, err = _run(capsys, "quantize", str(smollm2_dir), "--type", "f16", "-o", str(out))
     assert code == 2 and "no space left" in err

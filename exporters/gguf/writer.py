@@ -2,8 +2,9 @@
 
 Pass 1 reads only safetensors headers to name, order and type every tensor; the GGUF header, metadata and
 tensor table are written; pass 2 loads, transforms (Q/K permutation, Gemma norm +1), checks and encodes each
-tensor and appends it. Peak memory is about one tensor plus its encoding. The file appears under its final
-name only when complete.
+tensor row chunk by row chunk, through :mod:`.pipeline` (reads, device work and writes overlapped) in one
+process. Peak memory is a few row chunks plus their encodings. The file appears under its final name only when
+complete.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class EncodedTensor:
     """
 
     def __init__(self, src: ModelSource, spec: archmod.ArchSpec, job: TensorJob, imatrix: Any,
-                 chunk_elems: int = CHUNK_ELEMS, device: str = "cpu") -> None:
+                 chunk_elems: int = CHUNK_ELEMS, device: str = "cpu", rounder: Any = None) -> None:
         self.src, self.spec, self.job, self.imatrix, self.device = src, spec, job, imatrix, device
+        self.rounder = rounder  # quantize(rows, imatrix) of an optimized rounding mode; None: the format's own
         self.fmt = get_format(job.fmt)
         self.nbytes = self.fmt.nbytes(job.shape)
         self.heads = archmod.qk_heads(spec, job.hf_name, src.text_config) if job.hf_name else None
@@ -66,23 +68,49 @@ class EncodedTensor:
             n *= d
         return n
 
-    def _rows(self, start: int, stop: int, device: str | None = None) -> Any:
+    def raw_nbytes(self, start: int, stop: int) -> int:
+        """Bytes :meth:`read` returns for rows ``[start, stop)`` (the checkpoint's own dtype)."""
+        job = self.job
+        if job.hf_name is None:
+            return 4 * self.fmt_numel()
+        width = _ST_WIDTH.get(self.src.tensors[job.hf_name].dtype, 4) if job.hf_name in self.src.tensors else 4
+        return width * self.fmt_numel() * (stop - start) // self.n_rows
+
+    def read(self, start: int, stop: int, pin: bool = False, fd: Callable[[Any], int] | None = None) -> Any:
+        """Rows ``[start, stop)`` as stored in the checkpoint (a tensor in its own dtype, not yet transformed).
+
+        For a plain tensor of a :class:`ModelSource` and a file-descriptor opener ``fd``, the bytes are read
+        with one ``preadv`` straight into a new buffer, page-locked when ``pin`` (so that a copy to a GPU can
+        run without waiting); other sources go through their ``get``."""
+        job = self.job
+        if job.hf_name is None:
+            return archmod.extra_tensor(job.gguf_name, self.src.text_config).reshape(1, -1)
+        if job.segments:
+            return read_segment_rows(self.src, job, start, stop)
+        rows = (start, stop) if len(job.shape) > 1 else None
+        if fd is not None and type(self.src).get is ModelSource.get:
+            return _pread_rows(self.src, job.hf_name, rows, pin, fd)
+        return self.src.get(job.hf_name, rows=rows) if rows else self.src.get(job.hf_name)
+
+    def prepare(self, raw: Any, start: int, stop: int, device: str | None = None, check: bool = True) -> Any:
+        """``raw`` (from :meth:`read`) as float32 rows on ``device``, transformed for GGUF (Q/K row permutation,
+        Gemma's norm +1), and the count of NaN/Inf values. With ``check`` a bad value raises
+        :class:`CorruptCheckpoint` here and the count is 0; without it, on a GPU, the count is left as a device
+        tensor, so nothing waits for the device."""
         import torch
 
         job = self.job
         device = device or self.device
         if job.hf_name is None:
-            return archmod.extra_tensor(job.gguf_name, self.src.text_config).reshape(1, -1).to(device)
-        if job.segments:
-            raw = read_segment_rows(self.src, job, start, stop)
-        else:
-            raw = self.src.get(job.hf_name, rows=(start, stop)) if len(job.shape) > 1 else self.src.get(job.hf_name)
-        if device == "cpu":
+            t, bad = raw.to(device), 0
+        elif device == "cpu" and raw.device.type == "cpu":
             t, bad = _cpu_float32(raw)
         else:
-            t = raw.to(device, torch.float32)
-            bad = int((~torch.isfinite(t)).sum())
-        if bad:
+            t = raw.to(device, non_blocking=True).to(torch.float32)
+            bad = (~torch.isfinite(t)).sum()
+            if check or not t.is_cuda:
+                bad = int(bad)
+        if check and bad:
             raise CorruptCheckpoint(f"tensor {job.hf_name!r} has {bad} NaN/Inf values",
                                     path=self.src.tensors[job.hf_name].file)
         if len(job.shape) == 1:
@@ -91,7 +119,10 @@ class EncodedTensor:
             t = archmod.permute_rows(t, self.heads * (stop - start) // job.shape[0])
         if self.spec.norm_plus_one and job.gguf_name.endswith("norm.weight"):
             t = t + 1.0
-        return torch.as_tensor(t.reshape(t.shape[0], -1))
+        return torch.as_tensor(t.reshape(t.shape[0], -1)), bad
+
+    def _rows(self, start: int, stop: int, device: str | None = None) -> Any:
+        return self.prepare(self.read(start, stop), start, stop, device)[0]
 
     def _imat(self, device: str, start: int = 0) -> Any:
         """The imatrix values for rows from ``start`` on: the whole entry, or for a stacked expert tensor the
@@ -112,14 +143,50 @@ class EncodedTensor:
 
     def encode(self, start: int, stop: int, device: str | None = None) -> Any:
         """Rows ``[start, stop)`` (one of :attr:`ranges`) encoded on ``device``: flat uint8 tensor on that device."""
+        return self.encode_raw(self.read(start, stop), start, stop, device)
+
+    def encode_raw(self, raw: Any, start: int, stop: int, device: str | None = None) -> Any:
+        """:meth:`encode` of rows already read (``raw`` from :meth:`read`)."""
         device = device or self.device
-        return self.fmt.quantize(self._rows(start, stop, device), self._imat(device, start)).contiguous().reshape(-1)
+        return self.quantize(self.prepare(raw, start, stop, device)[0], start, device)
+
+    def quantize(self, rows: Any, start: int, device: str) -> Any:
+        """Prepared rows (starting at row ``start``) encoded: flat uint8 tensor on ``device``."""
+        quantize = self.rounder or self.fmt.quantize
+        return quantize(rows, self._imat(device, start)).contiguous().reshape(-1)
 
     def range_nbytes(self, start: int, stop: int) -> int:
         """Bytes of the encoding of rows ``[start, stop)``."""
         if len(self.job.shape) < 2:
             return self.nbytes
         return self.fmt.nbytes((stop - start, self.job.shape[-1]))
+
+
+_ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def _pread_rows(src: ModelSource, name: str, rows: tuple[int, int] | None, pin: bool,
+                fd: Callable[[Any], int]) -> Any:
+    """Rows ``[start, stop)`` of checkpoint tensor ``name`` (all of it for ``None``) read with one ``preadv`` into
+    a fresh tensor of its dtype, page-locked when ``pin``; same values as :meth:`ModelSource.get`."""
+    import torch
+
+    info = src.tensors[name]
+    if info.dtype not in _ST_WIDTH:
+        return src.get(name, rows=rows) if rows else src.get(name)
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[info.dtype]
+    start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+    row_elems = 1
+    for d in info.shape[1:]:
+        row_elems *= d
+    width = _ST_WIDTH[info.dtype]
+    nbytes = (stop - start) * row_elems * width
+    shape = (stop - start, *info.shape[1:]) if info.shape else ()
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    got = os.preadv(fd(info.file), [memoryview(buf.numpy())], info.offset + start * row_elems * width) if nbytes else 0
+    if got != nbytes:
+        raise CorruptCheckpoint(f"tensor {name!r} is cut short ({got} of {nbytes} bytes)", path=info.file)
+    return buf.view(dtype).reshape(shape)
 
 
 def read_segment_rows(src: ModelSource, job: TensorJob, start: int, stop: int) -> Any:
@@ -204,14 +271,16 @@ def general_name(src: ModelSource) -> str:
 def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], qtype: str = "f16",
                 imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
                 force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
-                devices: Sequence[str] | None = None) -> Path:
+                devices: Sequence[str] | None = None, optimize: str = "rtn",
+                hessians: str | os.PathLike[str] | None = None) -> Path:
     """Write ``model`` (a checkpoint folder or Hub id) as a GGUF file of mix ``qtype`` (or a plan's types, with the
     plan's recorded imatrix unless ``imatrix`` is given).
-    ``device``, ``devices`` and distributed runs: see :func:`write_gguf`."""
+    ``device``, ``devices`` and distributed runs: see :func:`write_gguf`; ``optimize`` and ``hessians``: the
+    rounding mode and the calibration's input second moments (:func:`quantforge.rounding.build_rounders`)."""
     src = ModelSource.open(model)
     try:
         return write_gguf(src, output, qtype, imatrix=imatrix, plan=plan, force=force, progress=progress,
-                          device=device, devices=devices)
+                          device=device, devices=devices, optimize=optimize, hessians=hessians)
     finally:
         src.close()
 
@@ -219,7 +288,8 @@ def export_gguf(model: str | os.PathLike[str], output: str | os.PathLike[str], q
 def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f16",
                imatrix: str | os.PathLike[str] | None = None, plan: str | os.PathLike[str] | None = None,
                force: bool = False, progress: Progress = _no_progress, device: str = "cpu",
-               chunk_elems: int = CHUNK_ELEMS, devices: Sequence[str] | None = None) -> Path:
+               chunk_elems: int | None = None, devices: Sequence[str] | None = None, optimize: str = "rtn",
+               hessians: str | os.PathLike[str] | None = None, pipelined: bool = True) -> Path:
     """Write the model behind ``src`` (anything shaped like :class:`ModelSource`) as GGUF; quantize on ``device``.
 
     ``devices`` (e.g. ``["cuda:0", "cuda:1"]``): one thread per device encodes its share of the row chunks while
@@ -228,19 +298,26 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     own GPU). Ranks on one file system (one node, or ``QUANTFORGE_SHARED_FS=1``) write their chunks into the file
     themselves, in parallel; otherwise rank 0 receives the encoded bytes and writes them. The file is
     byte-identical to a one-process run in every case.
+
+    ``chunk_elems``: weights per row chunk (default: :data:`CHUNK_ELEMS` on the CPU, larger on GPUs). In one
+    process the chunks go through :class:`~.pipeline.PipelinedStream` (reads, transfers, encoding and writes
+    overlapped); ``pipelined=False`` encodes each chunk in turn on one thread per device (same bytes).
     """
     from ...distributed import current, drain, ordered_stream, shares_files
+    from .pipeline import PipelinedStream, chunk_elems_for, write_at_offsets
 
     mix = get_mix(qtype)
     spec = resolve_arch(src.model_type, src.text_config)
     jobs = plan_tensors(src, spec)
     group = current()
     plan_types = None
+    plan_modes: dict[str, str] = {}
     if plan is not None:
         from ...plan import load_plan
 
         loaded = group.on_main(lambda: load_plan(plan, target="gguf"))
         plan_types = loaded.gguf_types()
+        plan_modes = loaded.optimize_modes()
         if loaded.base_type:
             mix = get_mix(loaded.base_type)
         if imatrix is None:
@@ -254,11 +331,17 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
     n_vocab = jobs[0].shape[0]
     group.on_main(lambda: check_output(output, force))
     device = group.local_device(device)
+    devs = [group.local_device(d) for d in devices] if devices else [device]
+    if chunk_elems is None:
+        chunk_elems = min(chunk_elems_for(d, CHUNK_ELEMS) for d in devs)
+    from ...rounding import build_rounders
+
+    rounders = build_rounders({j.gguf_name: j.fmt for j in jobs}, optimize, plan_modes, hessians)
     encoders = [EncodedTensor(src, spec, j, imat.for_tensor(j.gguf_name) if imat is not None else None,
-                              chunk_elems=chunk_elems, device=device) for j in jobs]
+                              chunk_elems=chunk_elems, device=device, rounder=rounders.get(j.gguf_name))
+                for j in jobs]
     units = [RowChunk(e, a, b) for e in encoders for a, b in e.ranges]
     costs = [u.cost for u in units]
-    devs = [group.local_device(d) for d in devices] if devices else [device]
 
     def head(tmp: Path) -> Any:
         return _write_head(tmp, src, spec, mix, jobs, n_vocab, imat, imatrix)
@@ -267,8 +350,15 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         return _write_shared(group, output, force, head, encoders, units, costs, devs, progress, mix.name)
     # encoded chunks may queue up to ENCODED_QUEUE_BYTES, so encoding runs ahead while the header is written
     depth = max(2, ENCODED_QUEUE_BYTES // max(1, max((u.nbytes for u in units), default=1)))
-    stream = ordered_stream(units, lambda u, dev: u.encode(dev), lambda u: u.nbytes, costs, group, devs,
-                            depth=depth)
+    if pipelined and not group.distributed:
+        with contextlib.closing(PipelinedStream(units, devs, costs, out_depth=depth)) as chunks, \
+                atomic_file(output, force=force) as tmp, _prompt_gil_handoff():
+            start, offsets = _size_file(head(tmp), encoders)
+            write_at_offsets(tmp, start, offsets, chunks, units, progress, f"gguf {mix.name}")
+        return Path(output)
+    else:
+        stream = ordered_stream(units, lambda u, dev: u.encode(dev), lambda u: u.nbytes, costs, group, devs,
+                                depth=depth)
     if not group.is_main:
         drain(stream)
         group.barrier()
@@ -365,11 +455,17 @@ def _unit_offsets(encoders: list[EncodedTensor], align: int) -> tuple[list[int],
     return offsets, pos
 
 
-def _pwrite(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _size_file(w: Any, encoders: list[EncodedTensor]) -> tuple[int, list[int]]:
+    """Close the writer ``w`` (header, metadata and tensor table written) after sizing its file for the tensor
+    data: the gaps between tensors stay zero, as GGUFWriter pads them. Returns the offset of the tensor-data
+    section and every row chunk's offset within it."""
+    fout = w.fout[0]
+    fout.flush()
+    offsets, length = _unit_offsets(encoders, w.data_alignment)
+    start = _pad(fout.tell(), w.data_alignment)
+    fout.truncate(start + length)
+    w.close()
+    return start, offsets
 
 
 def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], Any], encoders: list[EncodedTensor],
@@ -379,26 +475,16 @@ def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], A
     that see one file system: :func:`quantforge.distributed.shares_files`), so no bytes travel between ranks
     and the writes run in parallel. Rank 0 writes the header and sizes the file first (the gaps between
     tensors stay zero, as GGUFWriter pads them); the file is renamed into place once every rank succeeded."""
-    from ...distributed import ordered_map, partition, raise_any
+    from ...distributed import partition, raise_any
+    from .pipeline import PipelinedStream, write_at_offsets
 
     owners = partition(costs, group.world)
     mine = [i for i, o in enumerate(owners) if o == group.rank]
 
     def write_mine(tmp: str, start: int, offsets: list[int]) -> None:
-        encoded = ordered_map(lambda i, dev: units[i].encode(dev).cpu().numpy(), mine, devices,
-                              [costs[i] for i in mine], threaded=True)
-        fd = os.open(tmp, os.O_WRONLY)
-        try:
-            with contextlib.closing(encoded):
-                pairs = zip(mine, encoded, strict=True)
-                for i, data in progress(pairs, total=len(mine), desc=f"gguf {label}", unit="chunk"):
-                    u = units[i]
-                    if data.nbytes != u.nbytes:
-                        raise InternalError(f"{u.tensor.job.gguf_name}: encoded {data.nbytes} bytes for rows "
-                                            f"{u.start}:{u.stop}, expected {u.nbytes}")
-                    _pwrite(fd, data, start + offsets[i])
-        finally:
-            os.close(fd)
+        own = [units[i] for i in mine]
+        with contextlib.closing(PipelinedStream(own, devices, [costs[i] for i in mine])) as encoded:
+            write_at_offsets(tmp, start, [offsets[i] for i in mine], encoded, own, progress, f"gguf {label}")
 
     def run(layout: SharedLayout | None) -> None:
         failure: BaseException | None = None
@@ -418,13 +504,7 @@ def _write_shared(group: Any, output: Any, force: bool, head: Callable[[Path], A
         return Path(output)
     with atomic_file(output, force=force) as tmp:
         try:
-            w = head(tmp)
-            fout = w.fout[0]
-            fout.flush()
-            offsets, length = _unit_offsets(encoders, w.data_alignment)
-            start = _pad(fout.tell(), w.data_alignment)
-            fout.truncate(start + length)
-            w.close()
+            start, offsets = _size_file(head(tmp), encoders)
         except BaseException:
             group.broadcast_object(None)
             raise

@@ -32,6 +32,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="chunks per forward in the imatrix pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a calibration")
+    p.add_argument("--hessians", action="store_true",
+                   help="also save the inputs' second moments XᵀX per linear input (hessians.safetensors, one "
+                        "n x n float32 matrix per input group) for 'quantize --optimize gptq'")
     p.set_defaults(func=run)
 
 
@@ -93,6 +96,14 @@ def _run(args: Any, group: Any) -> int:
                                    proxy_rows=args.proxy_rows, seed=args.seed)
     result = calibrate(args.model, args.data, args.output, settings, device=args.device, batch_size=args.batch_size,
                        progress=progress if group.is_main else _quiet, force=args.force)
+    if args.hessians:
+        from quantforge.calibration.hessian_pass import calibrate_hessians
+
+        hess = group.on_main(lambda: calibrate_hessians(args.model, args.data, args.output, settings,
+                                                        device=args.device, batch_size=args.batch_size,
+                                                        progress=progress))
+        if group.is_main:
+            out(f"{'reused' if hess['reused'] else 'wrote'} {hess['path']}")
     if not group.is_main:
         return 0
     if result.sensitivity_reused:

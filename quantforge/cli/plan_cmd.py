@@ -107,7 +107,13 @@ def _gguf_plan(args: Any, src: Any, table: dict[str, Any]) -> Any:
         k_mixes = [m for m in MIXES.values() if m.base not in ("f32", "f16", "bf16")]
         base = min(k_mixes, key=lambda m: abs(get_format(m.base).bits_per_weight - bpw)).name
     allowed = {t.strip().lower() for t in args.types.split(",")} if args.types else None
-    return plan_gguf(table, tensors, budget, base_type=base, method=args.method, allowed=allowed, budget_note=note)
+    from pathlib import Path
+
+    from quantforge.calibration import store
+
+    has_imatrix = (Path(args.calibration) / store.IMATRIX).is_file()
+    return plan_gguf(table, tensors, budget, base_type=base, method=args.method, allowed=allowed, budget_note=note,
+                     has_imatrix=has_imatrix)
 
 
 def check_args(args: Any) -> None:

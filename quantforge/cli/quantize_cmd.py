@@ -15,8 +15,9 @@ def add_parser(sub: Any) -> None:
                    help="gguf: one .gguf file for llama.cpp / Ollama (default); bnb4: a bitsandbytes 4-bit "
                         "checkpoint folder for transformers; hf16: a clean 16-bit safetensors folder")
     p.add_argument("--type", dest="qtype", default=None,
-                   help="gguf only: type or mix, f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, iq4_xs, "
-                        "... (default: f16, or the plan's base type with --plan)")
+                   help="gguf only: type or mix, f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, q2_k_s, "
+                        "iq4_xs, iq3_xxs, iq2_xxs, iq1_m, tq2_0, ... (default: f16, or the plan's base type with "
+                        "--plan)")
     p.add_argument("-o", "--output", required=True,
                    help="output file (gguf, e.g. model-q4_k_m.gguf; not a folder) or folder (bnb4, hf16)")
     p.add_argument("--imatrix", default=None, help="importance matrix (llama.cpp GGUF or legacy .dat)")
@@ -33,6 +34,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--devices", default=None,
                    help="gguf: one process driving several devices, e.g. cuda:0,cuda:1 (one thread per device "
                         "encodes tensors; the file is written in order, byte-identical to one device)")
+    p.add_argument("--optimize", choices=("rtn", "gptq"), default=None,
+                   help="gguf: how codes are chosen inside each type's blocks: rtn = llama.cpp's rounding (default), "
+                        "gptq = error feedback through the calibration inputs' second moments (needs --calibration; "
+                        "a plan may also record it per tensor)")
+    p.add_argument("--calibration", default=None,
+                   help="gguf: calibration folder from 'quantforge calibrate --hessians' (hessians.safetensors; its "
+                        "imatrix.gguf is used when --imatrix is not given)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
@@ -51,14 +59,29 @@ def run(args: Any) -> int:
         if args.format == "gguf":
             from quantforge.exporters.gguf import export_gguf
 
-            result = export_gguf(args.model, args.output, qtype=args.qtype or "f16", imatrix=args.imatrix,
+            cal = _calibration_files(args)
+            result = export_gguf(args.model, args.output, qtype=args.qtype or "f16", imatrix=cal["imatrix"],
                                  plan=args.plan, force=args.force, progress=progress, device=args.device,
-                                 devices=devices)
+                                 devices=devices, optimize=args.optimize or "rtn", hessians=cal["hessians"])
         else:
             result = group.on_main(lambda: _write_other(args))
     if group.is_main:
         out(f"wrote {result}")
     return 0
+
+
+def _calibration_files(args: Any) -> dict[str, Any]:
+    """The imatrix (``--imatrix``, else the calibration folder's when there is one) and the input second moments
+    (the calibration folder's ``hessians.safetensors``, or None without ``--calibration``)."""
+    from pathlib import Path
+
+    if args.calibration is None:
+        return {"imatrix": args.imatrix, "hessians": None}
+    folder = Path(args.calibration)
+    imatrix = args.imatrix
+    if imatrix is None and (folder / "imatrix.gguf").is_file():
+        imatrix = folder / "imatrix.gguf"
+    return {"imatrix": imatrix, "hessians": folder / "hessians.safetensors"}
 
 
 def _write_other(args: Any) -> Any:
@@ -88,6 +111,7 @@ def check_args(args: Any) -> None:
     from quantforge.presets import get_mix
 
     fmt = args.format
+    _check_optimize(args)
     if fmt == "gguf":
         _checks.not_for(fmt, {"--quant-type": args.quant_type, "--double-quant": args.double_quant,
                               "--dtype": args.dtype, "--max-shard-size": args.max_shard_size})
@@ -105,3 +129,25 @@ def check_args(args: Any) -> None:
     if args.plan is not None:
         load_plan(args.plan, target=fmt)
     _checks.model(args.model, gguf=fmt == "gguf")
+
+
+def _check_optimize(args: Any) -> None:
+    """``--optimize`` and ``--calibration`` are GGUF options; ``gptq`` needs a calibration folder holding the input
+    second moments."""
+    from pathlib import Path
+
+    from quantforge.errors import InputError
+
+    if args.format != "gguf":
+        _checks.not_for(args.format, {"--optimize": args.optimize, "--calibration": args.calibration})
+        return
+    if args.calibration is not None and not Path(args.calibration).is_dir():
+        raise InputError("the calibration folder was not found (make one with 'quantforge calibrate ... "
+                         "--hessians')", path=args.calibration)
+    if args.optimize == "gptq":
+        if args.calibration is None:
+            raise InputError("--optimize gptq needs --calibration DIR (from 'quantforge calibrate MODEL --data F "
+                             "-o DIR --hessians')")
+        if not (Path(args.calibration) / "hessians.safetensors").is_file():
+            raise InputError("has no hessians.safetensors; run 'quantforge calibrate MODEL --data F -o DIR "
+                             "--hessians' into it", path=args.calibration)

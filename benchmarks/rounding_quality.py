@@ -1,0 +1,165 @@
+"""Optimized rounding: our GGUF files with error-feedback (``--optimize gptq``) codes vs llama.cpp's imatrix mixes
+of the same name, at identical size (same type per tensor), on the dithered SmolLM2.
+
+    python benchmarks/rounding_quality.py [--record] [--work DIR] [--mixes q4_k_m,q3_k_m,q2_k] [--eval-chunks 8]
+
+Steps (all on this machine's CPU):
+
+1. our f16 GGUF of the model (the base for llama.cpp's tools and the KLD reference);
+2. calibration text: the chunks our calibration takes from wiki.valid.raw + c4_demo.jsonl (8192 tokens);
+   llama-imatrix on their decoded text (the importance matrix both sides use), and our input second moments
+   ``XᵀX`` from the same chunks (``calibrate_hessians``);
+3. per mix: llama.cpp's file (``llama-quantize --imatrix``), ours with ``optimize="gptq"`` and the same imatrix,
+   and (``--anchor``) ours with the default rounding and that imatrix (llama.cpp's codecs reimplemented: should
+   match llama.cpp's KLD);
+4. mean KLD of every file against the f16 base with ``llama-perplexity --kl-divergence`` on two texts: 512-token
+   chunks of wiki.test.raw and of LAMBADA's plain text (neither used for calibration) — the same tool for all.
+
+Needs ``llama-imatrix``, ``llama-quantize`` and ``llama-perplexity`` in .bench/llama-build/bin (or $LLAMA_CPP_BIN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _HERE)
+from _common import BENCH, device_line, record, table  # noqa: E402
+from planner_quality import FTYPES, calibration_text, data_dir, kld_of, run, tensor_bytes, tool  # noqa: E402
+
+# benchmarks/kernels.py would shadow Hugging Face's ``kernels`` package, which transformers imports lazily
+while _HERE in sys.path:
+    sys.path.remove(_HERE)
+
+TEXTS = {"wiki.test": ("wikitext-2", "wiki.test.raw"), "lambada": ("lambada", "lambada_test_plain_text.txt")}
+
+
+def base_logits(f16: Path, text: Path, chunks: int, work: Path, label: str, threads: int) -> Path:
+    out = work / f"f16.{label}.kld-base.bin"
+    if not out.is_file():
+        run([tool("llama-perplexity"), "-m", str(f16), "-f", str(text), "--chunks", str(chunks), "-c", "512",
+             "-t", str(threads), "--kl-divergence-base", str(out)], work / f"f16.{label}.base.log")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(BENCH / "rounding"), help="scratch folder (cached between runs)")
+    ap.add_argument("--mixes", default="q4_k_m,q3_k_m,q2_k")
+    ap.add_argument("--eval-chunks", type=int, default=8, help="512-token chunks of each evaluation text")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--anchor", action="store_true", help="also our default rounding (expected to equal llama.cpp)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    ap.add_argument("--note", default="", help="a sentence appended to the recorded notes")
+    args = ap.parse_args()
+
+    from quantforge.calibration.hessian_pass import calibrate_hessians
+    from quantforge.calibration.settings import CalibrationSettings
+    from quantforge.exporters.gguf import export_gguf
+
+    from quantforge import fixtures
+
+    t_start = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = fixtures.smollm2("dithered")
+    d = data_dir()
+    data = [d / "wikitext-2" / "wiki.valid.raw", d / "calibration" / "c4_demo.jsonl"]
+    ctx, holdout = 512, 512
+    timings: dict[str, float] = {}
+
+    f16 = work / "f16.gguf"
+    if not f16.is_file():
+        export_gguf(model, f16, qtype="f16")
+    bases = {}
+    for label, (folder, name) in TEXTS.items():
+        text = work / f"eval.{label}.txt"
+        text.write_text((d / folder / name).read_text(encoding="utf-8"))
+        bases[label] = base_logits(f16, text, args.eval_chunks, work, label, args.threads)
+
+    print("calibrating", flush=True)
+    calib_txt = work / "calib.txt"
+    n_chunks = calibration_text(model, data, args.tokens, ctx, holdout, calib_txt)
+    imatrix = work / "llama-imatrix.gguf"
+    reused: list[str] = []
+    t0 = time.perf_counter()
+    if not imatrix.is_file():
+        run([tool("llama-imatrix"), "-m", str(f16), "-f", str(calib_txt), "-o", str(imatrix), "-c", str(ctx),
+             "--chunks", str(n_chunks), "-t", str(args.threads), "--no-ppl"], work / "llama-imatrix.log")
+        timings["llama-imatrix"] = time.perf_counter() - t0
+    else:
+        reused.append("llama-imatrix")
+    settings = CalibrationSettings(tokens=args.tokens, ctx=ctx, holdout_tokens=holdout)
+    hess = calibrate_hessians(model, data, work / "cal", settings)
+    if hess["reused"]:
+        reused.append("XᵀX")
+    else:
+        timings["XᵀX"] = hess["seconds"]
+
+    rows, results = [], {}
+    for mix in [m.strip() for m in args.mixes.split(",") if m.strip()]:
+        print(mix, flush=True)
+        ref = work / f"llama-{mix}.gguf"
+        if not ref.is_file():
+            run([tool("llama-quantize"), "--imatrix", str(imatrix), str(f16), str(ref), FTYPES[mix],
+                 str(args.threads)], work / f"llama-{mix}.quantize.log")
+        files = {"llama.cpp": ref}
+        variants = [("gptq", "gptq")] + ([("rtn", "ours rtn")] if args.anchor else [])
+        for mode, label in variants:
+            path = work / f"ours-{mix}-{mode}.gguf"
+            t0 = time.perf_counter()
+            if not path.is_file():
+                export_gguf(model, path, qtype=mix, imatrix=imatrix, optimize=mode,
+                            hessians=work / "cal" / "hessians.safetensors")
+                timings[f"{mix} {mode}"] = time.perf_counter() - t0
+            else:
+                reused.append(path.name)
+            files[label] = path
+        ref_bytes, ref_types = tensor_bytes(ref)
+        entry: dict[str, dict[str, float]] = {}
+        for label, path in files.items():
+            nbytes, types = tensor_bytes(path)
+            if nbytes != ref_bytes or types != ref_types:
+                raise RuntimeError(f"{path.name}: tensor types/bytes differ from llama.cpp's {mix}")
+            entry[label] = {t: kld_of(path, bases[t], work, args.threads)["kld"] for t in TEXTS}
+            entry[label]["mean"] = sum(entry[label][t] for t in TEXTS) / len(TEXTS)
+        results[mix] = {"tensor_bytes": ref_bytes, **entry}
+        for label in files:
+            if label == "llama.cpp":
+                continue
+            e, r = entry[label], entry["llama.cpp"]
+            rows.append([mix, label, f"{ref_bytes / 1e6:.2f}",
+                         *(f"{r[t]:.5f} / {e[t]:.5f}" for t in TEXTS),
+                         f"{e['mean'] / r['mean']:.3f}", f"{1 - e['mean'] / r['mean']:.1%}"])
+            print("  " + " | ".join(rows[-1]), flush=True)
+
+    total = time.perf_counter() - t_start
+    results["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(total, 1)}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    body = table(["mix", "ours", "tensor MB (both)", "KLD wiki.test (llama.cpp / ours)",
+                  "KLD lambada (llama.cpp / ours)", "mean KLD ratio ours / llama.cpp", "KLD reduction"], rows)
+    body += (f"\n\nModel: dithered SmolLM2-135M-Instruct. Calibration: {args.tokens} tokens (wiki.valid.raw + "
+             f"c4_demo.jsonl, equal shares, {n_chunks} x {ctx}); llama-imatrix ran on their decoded text and both "
+             "sides quantize with that importance matrix; our input second moments XᵀX come from the same chunks. "
+             "Both files of a row have the same type for every tensor (checked). Evaluation: llama-perplexity "
+             f"--kl-divergence vs our f16 GGUF, {args.eval_chunks} x 512 tokens of wiki.test.raw and of LAMBADA's "
+             "plain text (second-half scoring); the ratio is of the mean over both texts. Stage times (s): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
+             + (f"; reused from an earlier run in the same folder: {', '.join(reused)}" if reused else "")
+             + f". Wall time {total / 60:.1f} min.")
+    if args.note:
+        body += " " + args.note
+    print(body)
+    if args.record:
+        cmd = "python benchmarks/rounding_quality.py " + " ".join(sys.argv[1:])
+        record("Optimized rounding (gptq) vs llama.cpp imatrix mixes", cmd.strip(), device_line(), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The inputs' second moments ``XᵀX`` per linear input, layer by layer over the calibration chunks, for
+error-feedback rounding (``quantforge quantize --optimize gptq``); saved as ``hessians.safetensors`` beside the
+imatrix and reused while the model, data and token budget are unchanged.
+
+Weights fed the very same input tensor (q/k/v, gate/up) are detected from the hooks (the same storage, shape
+and strides reach them one after another; the previous input is held, so its memory cannot be reused in
+between) and share one matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, InternalError, MissingFile
+from ..rounding.hessians import FILE, read_key, save_hessians
+from . import store
+from .hooks import capture_inputs, linear_modules
+from .refs import Contexts, TensorRef, batches
+from .runner import DecoderRunner
+from .settings import CalibrationSettings, Progress, no_progress
+
+HESSIAN_VERSION = 1
+
+
+class HessianAccumulator:
+    """Running ``Σ xᵀx`` (float64) and token counts per input group, fed one matmul input at a time.
+
+    ``names`` maps a hook key to the GGUF weight name. A weight whose input is the same tensor object as the
+    previous weight's (same storage, shape and strides) joins that weight's group; it must do so on every call."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        self.members: dict[str, str] = {}
+        self.sums: dict[str, Any] = {}
+        self.tokens: dict[str, int] = {}
+        self._last: tuple[str, Any] | None = None
+
+    def add(self, key: str, x: Any) -> None:
+        import torch
+
+        name = self.names[key]
+        last = self._last[1] if self._last is not None else None
+        same = last is not None and (x.data_ptr(), x.shape, x.stride()) == (last.data_ptr(), last.shape, last.stride())
+        if name in self.members and self.members[name] != name:
+            if not (same and self._last[0] == self.members[name]):
+                raise InternalError(f"{name} shared its input with {self.members[name]} once but not on a later "
+                                    "call; this architecture needs separate input statistics")
+            return
+        if same and name not in self.members:
+            self.members[name] = self._last[0]
+            return
+        self.members[name] = name
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        gram = (rows.t() @ rows).to(torch.float64).cpu()
+        self.sums[name] = gram if name not in self.sums else self.sums[name].add_(gram)
+        self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
+        self._last = (name, x)
+
+    def result(self) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
+        """``({group: H = Σxᵀx / tokens (float32)}, {weight: group}, {group: tokens})``."""
+        groups = {g: (s / max(1, self.tokens[g])).float() for g, s in self.sums.items()}
+        return groups, dict(self.members), dict(self.tokens)
+
+
+def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]], batch_size: int = 4,
+                     progress: Progress = no_progress) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
+    """Run the chunks through the decoder layer by layer with hooks on every linear weight of ``refs``."""
+    import torch
+
+    names = {id(r.module): r.gguf_name for r in refs if r.layer is not None}
+    acc = HessianAccumulator({n: n for n in names.values()})
+    keep = runner.device if runner.resident else torch.device("cpu")
+    ctxs = Contexts(runner)
+    with torch.no_grad():
+        hs = [runner.embed(b).to(keep) for b in batches(chunks, batch_size)]
+        for i in progress(range(runner.n_layers), total=runner.n_layers, desc="XᵀX", unit="layer"):
+            mods = {names[id(m)]: m for m in linear_modules(runner.layers[i]).values() if id(m) in names}
+            with runner.on_device(i), capture_inputs(mods, acc.add):
+                for b, h in enumerate(hs):
+                    h = h.to(runner.device)
+                    hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
+    return acc.result()
+
+
+def hessians_key(model_hash: str, data_digests: list[str], settings: CalibrationSettings) -> str:
+    return store.digest({"model": model_hash, "data": data_digests, **settings.imatrix_part(),
+                         "hessians": HESSIAN_VERSION})
+
+
+def calibrate_hessians(model: Any, data: list[Any], out: Any, settings: CalibrationSettings | None = None,
+                       device: str = "cpu", batch_size: int = 4, progress: Progress = no_progress) -> dict[str, Any]:
+    """Write ``out/hessians.safetensors`` from the same calibration chunks the imatrix uses (same data, token budget
+    and context), unless the file there was made from the same model, data and settings. Returns
+    ``{"path", "reused", "seconds"}``."""
+    from ..arch import arch_for
+    from ..model_source import ModelSource
+    from .data import file_digest, load_chunks
+
+    s = settings or CalibrationSettings()
+    s.validate()
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("the calibration output must be a folder", path=folder)
+    if not data:
+        raise InputError("give at least one --data file")
+    for p in data:
+        if not Path(p).is_file():
+            raise MissingFile("calibration data file not found", path=p)
+    src = ModelSource.open(model)
+    try:
+        spec = arch_for(src.model_type)
+        key = hessians_key(store.model_hash(src), [file_digest(p) for p in data], s)
+        path = folder / FILE
+        if read_key(path) == key:
+            return {"path": path, "reused": True, "seconds": 0.0}
+        import torch
+        from transformers import AutoTokenizer
+
+        from .refs import tensor_refs
+        from .runner import load_model
+
+        t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(src.path)
+        chunks = load_chunks(data, tokenizer, s.tokens, s.ctx, s.holdout_tokens)
+        torch.manual_seed(s.seed)
+        runner = DecoderRunner(load_model(src.path, device=device, n_params=sum(src.numel(n) for n in src.tensors)),
+                               device=device)
+        refs = tensor_refs(runner, spec, s.candidates)
+        groups, members, tokens = collect_hessians(runner, refs, chunks.calibration, batch_size, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_hessians(path, groups, members, tokens, key)
+        return {"path": path, "reused": False, "seconds": time.perf_counter() - t0}
+    finally:
+        src.close()

@@ -1,0 +1,242 @@
+"""Error-feedback (GPTQ-style) rounding inside a GGUF type's block structure.
+
+For a weight ``W`` ``(rows, n)`` whose inputs have second moments ``H = E[x xᵀ]`` ``(n, n)``, the output
+error ``‖X Wᵀ - X Ŵᵀ‖²`` is ``Σ_rows (w - ŵ) H (w - ŵ)ᵀ``. Columns are quantized left to right; the rounding error of
+each column is spread over the columns not yet quantized through the upper Cholesky factor ``U`` of ``H⁻¹``
+(damped), which is the least-squares correction under ``H`` (Frantar et al., GPTQ). Inside that loop the GGUF
+block structure is kept:
+
+* when a block begins, its scales and minimums are fitted by the type's own llama.cpp search on the *current*
+  (error-corrected) weights, weighted by the importance matrix, exactly as the default quantizer would;
+* each column then takes the nearest code under those fixed scales;
+* when the block is complete its float16 super-scales (``d`` and ``dmin``) are re-fitted by weighted least
+  squares to the values the codes stand for (kept only where that lowers the weighted error), and the error that
+  flows on to later columns is the final one.
+
+The output is an ordinary block of the type (only codes and scale values differ from the default rounding), so
+every GGUF reader decodes it. Rows are independent in the math; the bytes are reproducible for the same row
+chunks on the same device (a batched matmul may round differently for another number of rows).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from ..errors import InputError
+from ..formats import QuantFormat
+from .grids import CodeGrid, affine, get_f16, grid_for, set_f16, with_codes
+
+DAMP = 0.01
+"""Damping added to ``H``'s diagonal, as a fraction of its mean (GPTQ's default)."""
+BATCH = 256
+"""Columns whose error updates are applied to the rest of the row at once (lazy batch); a multiple of every
+block size."""
+
+
+def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` (float32) of ``(H + λI)⁻¹``, ``λ = damp · mean diag H``; columns no input ever
+    reached (zero diagonal) get a unit diagonal. Computed in float64; the damping grows tenfold until ``H`` is
+    positive definite."""
+    H = h.to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    base = float(diag.mean()) if diag.numel() else 1.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for k in range(6):
+        L, info = torch.linalg.cholesky_ex(H + (damp * 10 ** k) * base * eye)
+        if int(info) == 0:
+            break
+    else:
+        raise InputError("the input second-moment matrix is not positive semi-definite; recalibrate")
+    hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(hinv, upper=True).to(torch.float32)
+
+
+def _nearest(grid: CodeGrid, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Index of the grid value nearest to ``t`` (int64)."""
+    if grid.uniform:
+        return (t.round() - values[0]).clamp_(0, len(grid.values) - 1).to(torch.int64)
+    mids = (values[1:] + values[:-1]) * 0.5
+    return torch.bucketize(t, mids)
+
+
+def _weighted_fit(basis: list[torch.Tensor], target: torch.Tensor,
+                  qw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per row, the ``qw``-weighted least-squares coefficients of ``target`` on one or two ``basis`` tensors
+    (float64 normal equations), and where the fit is determined."""
+    t, w = target.to(torch.float64), qw.to(torch.float64)
+    A = [a.to(torch.float64) for a in basis]
+    if len(A) == 1:
+        aa = (w * A[0] * A[0]).sum(dim=1)
+        ok = aa > 0
+        return [(w * A[0] * t).sum(dim=1) / torch.where(ok, aa, 1.0)], ok
+    a00, a11, a01 = (w * A[0] * A[0]).sum(1), (w * A[1] * A[1]).sum(1), (w * A[0] * A[1]).sum(1)
+    r0, r1 = (w * A[0] * t).sum(1), (w * A[1] * t).sum(1)
+    det = a00 * a11 - a01 * a01
+    ok = det.abs() > 1e-12 * (a00 * a11).abs()
+    safe = torch.where(ok, det, 1.0)
+    return [(r0 * a11 - r1 * a01) / safe, (r1 * a00 - r0 * a01) / safe], ok
+
+
+def _fields(grid: CodeGrid) -> list[int]:
+    return [grid.d_at] + ([grid.dmin_at] if grid.dmin_at is not None else [])
+
+
+def refit_super_scales(grid: CodeGrid, blocks: torch.Tensor, target: torch.Tensor, qw: torch.Tensor,
+                       codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks whose float16 ``d`` (and ``dmin``) are the ``qw``-weighted least-squares fit of their decoded values
+    to ``target`` ``(R, block)`` with codes and sub-block scales fixed; a row keeps its old values unless the new
+    ones (after float16 rounding) lower the weighted error. ``codes`` (stored codes) spare the 32-weight types a
+    decode."""
+    R = blocks.shape[0]
+    parts = _fields(grid)
+    if grid.flat:
+        values = grid.values_tensor(blocks.device)
+        if codes is None:
+            s, o = affine(grid, blocks)
+            t = (grid.fmt.dequantize(blocks) - o) / torch.where(s != 0, s, 1.0)
+            codes = (t[..., None] - values).abs().argmin(dim=-1)
+        v = values[codes]
+        basis = [v] + ([torch.ones_like(v)] if len(parts) == 2 else [])
+
+        def decode(b: torch.Tensor) -> torch.Tensor:
+            d, m = affine(grid, b)
+            return d * v + m
+    else:
+        one, zero = torch.ones(R, device=blocks.device), torch.zeros(R, device=blocks.device)
+        basis = []
+        for at in parts:
+            b = blocks
+            for other in parts:
+                b = set_f16(b, other, one if other == at else zero)
+            basis.append(grid.fmt.dequantize(b))
+        decode = grid.fmt.dequantize
+    coef, ok = _weighted_fit(basis, target, qw)
+    new = blocks
+    for i, at in enumerate(parts):
+        new = set_f16(new, at, torch.where(ok, coef[i].to(torch.float32), get_f16(blocks, at)))
+    y_new = decode(new)
+    err_old = ((decode(blocks) - target) ** 2 * qw).sum(dim=1)
+    err_new = ((y_new - target) ** 2 * qw).sum(dim=1)
+    better = torch.isfinite(y_new).all(dim=1) & ok & (err_new < err_old)
+    return torch.where(better[:, None], new, blocks)
+
+
+def _decode(grid: CodeGrid, blocks: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    if grid.flat:
+        d, m = affine(grid, blocks)
+        return d * values[codes] + m
+    return grid.fmt.dequantize(blocks)
+
+
+def gptq_rows(weight: torch.Tensor, fmt: QuantFormat, factor: torch.Tensor, imatrix: torch.Tensor,
+              refit: bool = True) -> torch.Tensor:
+    """Rows ``(R, n)`` float -> packed ``(R, n / block * type_size)`` uint8 of ``fmt``, rounded with error feedback
+    through ``factor`` (:func:`inverse_factor` of the inputs' ``H``); ``imatrix`` ``(n,)`` weights the block
+    searches and the super-scale refit (llama.cpp's per-column mean of squared inputs).
+
+    Each lazy batch of columns is held transposed (one contiguous row per column), so the rank-1 updates inside
+    it run over contiguous memory."""
+    grid = grid_for(fmt.name)
+    W = weight.to(torch.float32).clone()
+    R, n = W.shape
+    bs, ts = fmt.block_size, fmt.type_size
+    if n % bs:
+        raise InputError(f"{fmt.name} needs rows that are a multiple of {bs}, got {n}")
+    U = factor.to(W.device)
+    udiag = torch.diagonal(U)
+    qw = imatrix.to(device=W.device, dtype=torch.float32)
+    values = grid.values_tensor(W.device)
+    out = torch.empty((R, n // bs * ts), dtype=torch.uint8, device=W.device)
+    step = max(BATCH, bs)
+    for b0 in range(0, n, step):
+        b1 = min(n, b0 + step)
+        Wt = W[:, b0:b1].t().contiguous()  # (columns, R)
+        err = torch.empty_like(Wt)
+        for c0 in range(b0, b1, bs):
+            c1 = c0 + bs
+            blocks = fmt.quantize(Wt[c0 - b0:c1 - b0].t().contiguous(), qw[c0:c1] if fmt.takes_imatrix else None)
+            s, o = (t.t().contiguous() for t in affine(grid, blocks))
+            safe = torch.where(s != 0, s, torch.ones_like(s))
+            codes = torch.empty((bs, R), dtype=torch.int64, device=W.device)
+            for j in range(c0, c1):
+                k, i = j - c0, j - b0
+                w = Wt[i]
+                idx = _nearest(grid, torch.where(s[k] != 0, (w - o[k]) / safe[k], 0.0), values)
+                codes[k] = idx
+                e = (w - (s[k] * values[idx] + o[k])) / U[j, j]
+                err[i] = e
+                Wt[i + 1:].addmm_(U[j, j + 1:b1, None], e[None, :], alpha=-1.0)
+            blocks = with_codes(grid, blocks, codes.t())
+            if refit:
+                target = Wt[c0 - b0:c1 - b0].t()
+                fitted = refit_super_scales(grid, blocks, target, qw[c0:c1], codes.t())
+                if not torch.equal(fitted, blocks):
+                    # the decoded values moved: the error handed on is the final one, and the later columns of
+                    # this batch get the difference now
+                    new_err = (target - _decode(grid, fitted, codes.t(), values)).t() / udiag[c0:c1, None]
+                    delta = new_err - err[c0 - b0:c1 - b0]
+                    err[c0 - b0:c1 - b0] = new_err
+                    if c1 < b1:
+                        Wt[c1 - b0:].addmm_(U[c0:c1, c1:b1].t(), delta, alpha=-1.0)
+                    blocks = fitted
+            out[:, c0 // bs * ts:c1 // bs * ts] = blocks
+        if b1 < n:
+            W[:, b1:].addmm_(err.t(), U[b0:b1, b1:], alpha=-1.0)
+    return out
+
+
+class FactorCache:
+    """The factors of the last few input groups (q/k/v share one), computed once each and dropped least recently
+    used first, so memory stays at a few ``(n, n)`` matrices however many weights there are."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.size = size
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, load: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key].to(device)
+            factor = inverse_factor(load().to(device))
+            self._items[key] = factor
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return factor
+
+
+class GptqRounder:
+    """``quantize(rows, imatrix)`` for one weight with error feedback from its inputs' ``H`` (loaded by ``load``
+    when first needed; its factor is shared through ``cache`` under ``group``) for every row chunk and thread."""
+
+    def __init__(self, fmt: QuantFormat, load: Callable[[], torch.Tensor], group: str,
+                 cache: FactorCache | None = None, refit: bool = True) -> None:
+        grid_for(fmt.name)
+        self.fmt, self.load, self.group, self.refit = fmt, load, group, refit
+        self.cache = cache or FactorCache()
+
+    def __call__(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        n = weight.shape[1]
+        hessian: list[torch.Tensor] = []
+
+        def load() -> torch.Tensor:
+            hessian.append(self.load())
+            h = hessian[0]
+            if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != n:
+                raise InputError(f"input second moments of shape {tuple(h.shape)} do not fit a weight with {n} "
+                                 "columns")
+            return h
+
+        factor = self.cache.get(self.group, load, weight.device)
+        if factor.shape[0] != n:
+            raise InputError(f"input second moments are {factor.shape[0]} wide, the weight has {n} columns")
+        if imatrix is None:
+            imatrix = torch.diagonal(hessian[0] if hessian else self.load()).clamp(min=0)
+        return gptq_rows(weight, self.fmt, factor, imatrix.to(weight.device), refit=self.refit)

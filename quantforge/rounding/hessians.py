@@ -1,0 +1,79 @@
+"""The inputs' second moments ``H = XᵀX / tokens`` per linear input, as calibration saves them for error-feedback
+rounding (``hessians.safetensors`` in the calibration folder).
+
+Weights that read the same input (q/k/v of an attention block, gate/up of an MLP) share one matrix: the file
+holds one float32 ``(n, n)`` tensor per input group, named after the group's first weight, and its metadata maps
+every GGUF weight name to its group (``members``), with the token count per group and the cache key of the run
+that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptCheckpoint, MissingFile
+
+FILE = "hessians.safetensors"
+
+
+def save_hessians(path: str | os.PathLike[str], groups: dict[str, Any], members: dict[str, str],
+                  tokens: dict[str, int], key: str) -> Path:
+    """Write the group matrices (``{group: (n, n) tensor}``), atomically; ``members`` maps weight -> group."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_file
+
+    meta = {"format": "quantforge-hessians", "version": "1", "key": key,
+            "members": json.dumps(dict(sorted(members.items()))), "tokens": json.dumps(dict(sorted(tokens.items())))}
+    tensors = {g: groups[g].float().contiguous().cpu() for g in sorted(groups)}
+    with atomic_file(path, force=True) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+class Hessians:
+    """Read access to a saved file: :meth:`for_tensor` loads one group's matrix when asked (bounded memory)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingFile("input second moments not found; run 'quantforge calibrate ... --hessians' first",
+                              path=self.path)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                self._names = set(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise CorruptCheckpoint(f"not a readable safetensors file ({exc})", path=self.path) from exc
+        if meta.get("format") != "quantforge-hessians":
+            raise CorruptCheckpoint("not a quantforge input second-moment file", path=self.path)
+        self.key = meta.get("key", "")
+        self.members: dict[str, str] = json.loads(meta.get("members", "{}"))
+        self.tokens: dict[str, int] = json.loads(meta.get("tokens", "{}"))
+
+    def group_of(self, name: str) -> str | None:
+        g = self.members.get(name)
+        return g if g in self._names else None
+
+    def for_tensor(self, name: str) -> Any | None:
+        """``H`` ``(n, n)`` float32 (CPU) for GGUF weight ``name``, or ``None`` when calibration saw no input."""
+        from safetensors import safe_open
+
+        g = self.group_of(name)
+        if g is None:
+            return None
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(g)
+
+
+def read_key(path: str | os.PathLike[str]) -> str | None:
+    """The cache key recorded in a file, or ``None`` when there is no readable file."""
+    try:
+        return Hessians(path).key
+    except (MissingFile, CorruptCheckpoint):
+        return None
