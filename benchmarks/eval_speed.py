@@ -1,31 +1,33 @@
-"""Time of ``quantforge eval`` against the llama.cpp workflow on the same work (SmolLM2-135M-Instruct, CPU).
+"""Time of ``quantforge eval`` against llama.cpp's ``llama-perplexity`` and the lm-eval harness on the same work.
 
-The work: PPL, KL divergence and top-1 agreement of one GGUF artifact against the 16-bit model, on the first
-``--chunks`` 512-token chunks of WikiText-2 test (llama-perplexity's chunking: second half of each chunk scored),
-plus, with ``--tasks``, lm-eval task accuracy of the reference and the artifact.
+Model: SmolLM2-135M-Instruct (the bf16 fixture), CPU. Two artifacts written by our quantizer: q4_k_m (the first,
+evaluated with the reference computed) and q8_0 (the second, against the reference cached by the first).
 
-- Ours, as a user runs it, each a fresh ``quantforge eval`` process with an empty cache: (1) the q4_k_m artifact
-  against the bf16 checkpoint (reference logits computed, then cached), (2) a second artifact, q8_0, against the
-  same reference (its logits and task results read from the cache).
-- Anchor: ``llama-perplexity --kl-divergence-base`` on the f16 GGUF, then ``--kl-divergence`` on the artifact
-  (each run again for the second artifact only for its own pass: the base file is reused), plus ``lm_eval``
-  (``--model hf``; the GGUF through transformers' ``gguf_file``) when tasks are asked for. llama.cpp's binaries
-  are not built on this machine, so the llama-perplexity passes are reproduced through llama-cpp-python (the
-  same llama.cpp library: one ``Llama.eval`` per chunk with every position's logits, the base pass keeping the
-  scored rows' log-probs as llama-perplexity's base file does); this is stated in the results.
+- PPL/KLD work (``quantforge eval``'s default): PPL, KL divergence and top-1 agreement on the first ``--chunks``
+  512-token chunks of WikiText-2 test. Ours: ``quantforge eval ART --reference MODEL`` (the bf16 checkpoint run
+  in float32 by transformers, the GGUF by llama-cpp-python). Anchor: ``llama-perplexity --kl-divergence-base`` on
+  the f16 GGUF, then ``--kl-divergence`` on the artifact (the second artifact needs only its own pass).
+- Task work (``--tasks``, default ``arc_easy``, ``--limit`` documents): ours adds ``--tasks/--limit`` to the same
+  command (reference and artifact). Anchor: the llama-perplexity passes above plus ``lm_eval --model hf`` on the
+  same offline task copy, for the reference (``pretrained=MODEL,dtype=float32``) and for the artifact
+  (``gguf_file=``: transformers dequantizes the GGUF; lm-eval's own llama.cpp backend needs a running server).
 
-Every step is a separate process timed from outside (wall time, and the CPU time of the child), with the
-machine's load average printed beside it: on the shared 2-core machine wall time depends on the load.
+Every step is a fresh process with an empty quantforge cache, timed from outside: wall time and the child's CPU
+time (user + sys), with the machine's 1-minute load average at each start (wall time follows the load on a shared
+machine; CPU time is the work). Each ``--threads-list`` entry runs everything: ``default`` passes no thread
+option to any tool (quantforge then takes the idle cores, llama-perplexity its own default, torch in lm-eval
+its own), ``N`` passes ``--threads N`` / ``-t N`` / ``OMP_NUM_THREADS=N``.
 
-    python benchmarks/eval_speed.py --record
-    python benchmarks/eval_speed.py --tasks arc_easy --limit 20 --record
+    python benchmarks/eval_speed.py --record     # prints the entry; --record also replaces RESULTS.md's section
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -34,11 +36,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH, LLAMA_BIN, device_line, record, table  # noqa: E402
+from _common import BENCH, LLAMA_BIN, ROOT, device_line, table  # noqa: E402
 
 SECTION = "Evaluation speed (issue 23)"
 N_CTX = 512
 QUANTFORGE = [sys.executable, "-m", "quantforge.cli.main"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONSAFEPATH": "1"}
 
 
 def log(msg: str) -> None:
@@ -49,8 +52,8 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     """Run ``cmd``; (wall seconds, CPU seconds of the child, stdout then stderr)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})}, capture_output=True,
-                          text=True, cwd=BENCH)
+    proc = subprocess.run(cmd, env={**os.environ, **OFFLINE, **(env or {})}, capture_output=True, text=True,
+                          cwd=BENCH)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -71,7 +74,7 @@ def artifacts(model: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-# The llama-perplexity equivalent, run in its own process: ``--anchor base|kld``.
+# The llama-perplexity equivalent where its binary is not built, run in its own process: ``--anchor base|kld``.
 
 def _chunks(llm, text: str, n_chunks: int) -> list[list[int]]:
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
@@ -121,23 +124,178 @@ def anchor(mode: str, gguf: Path, base_file: Path, text_file: Path, n_chunks: in
     print(json.dumps({"ppl": float(torch.exp(torch.tensor(nll / n))), "kld_mean": kld / n, "top1": top / n}))  # noqa: T201
 
 
-def lm_eval_cmd(model_args: str, tasks: str, limit: int, out: Path) -> list[str]:
+class Anchor:
+    """llama-perplexity (the binary when built, else its llama-cpp-python reproduction) with fixed settings."""
+
+    def __init__(self, files: dict[str, Path], text: Path, chunks: int, threads: int | None, tmp: Path) -> None:
+        self.files, self.base_file = files, tmp / f"base-{threads or 'default'}.kld"
+        self.binary = LLAMA_BIN / "llama-perplexity"
+        if self.binary.is_file():
+            self.common = ["-f", str(text), "-c", str(N_CTX), "--chunks", str(chunks), "-b", str(N_CTX),
+                           *(["-t", str(threads)] if threads else [])]
+            self.env = {"LD_LIBRARY_PATH": f"{LLAMA_BIN}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        else:
+            self.common = [sys.executable, str(Path(__file__).resolve()), "--chunks", str(chunks), "--anchor-threads",
+                           str(threads or max(1, min(os.cpu_count() or 1, 8))), "--base-file", str(self.base_file),
+                           "--text", str(text)]
+            self.env = {}
+
+    def describe(self) -> str:
+        if self.binary.is_file():
+            return "llama.cpp's own `llama-perplexity` binary (.bench/llama-build)"
+        return ("llama-perplexity reproduced through llama-cpp-python (its binary is not built here: same library, "
+                "one eval per chunk, base log-probs kept between passes)")
+
+    def base(self) -> tuple[float, float]:
+        if self.binary.is_file():
+            cmd = [str(self.binary), "-m", str(self.files["f16"]), "--kl-divergence-base", str(self.base_file),
+                   *self.common]
+        else:
+            cmd = [*self.common, "--anchor", "base", "--gguf", str(self.files["f16"])]
+        wall, cpu, _ = timed(cmd, self.env)
+        return wall, cpu
+
+    def kld(self, qtype: str) -> tuple[float, float, dict[str, float]]:
+        if self.binary.is_file():
+            from eval_table import parse_llama_perplexity
+
+            cmd = [str(self.binary), "-m", str(self.files[qtype]), "--kl-divergence-base", str(self.base_file),
+                   "--kl-divergence", *self.common]
+            for attempt in (1, 2):
+                wall, cpu, out = timed(cmd, self.env)
+                try:
+                    return wall, cpu, parse_llama_perplexity(out)
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    # seen once on the loaded machine: exit 0 with the last lines of its log missing
+                    log("llama-perplexity printed no summary; running it again")
+        wall, cpu, out = timed([*self.common, "--anchor", "kld", "--gguf", str(self.files[qtype])], self.env)
+        return wall, cpu, json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
+
+
+def lm_eval(model_args: str, task: str, limit: int, out: Path, threads: int | None) -> tuple[float, float, float]:
+    """``lm_eval --model hf`` on our offline copy of ``task``: (wall, CPU, accuracy)."""
     from quantforge.evals.lm_eval_runner import TASKS_DIR
 
-    names = ",".join(f"qf_{t}" for t in tasks.split(","))
-    return [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", names,
-            "--include_path", str(TASKS_DIR), "--limit", str(limit), "--output_path", str(out), "--device", "cpu"]
+    name = f"qf_{task}"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", name,
+           "--include_path", str(TASKS_DIR), "--limit", str(limit), "--output_path", str(out), "--device", "cpu"]
+    wall, cpu, _ = timed(cmd, {"OMP_NUM_THREADS": str(threads)} if threads else None)
+    written = sorted(out.rglob("results_*.json"))
+    acc = json.loads(written[-1].read_text())["results"][name]["acc,none"]
+    return wall, cpu, acc
+
+
+def ours(files: dict[str, Path], qtype: str, model: Path, chunks: int, threads: int | None, task_args: list[str],
+         cache: Path, out: Path) -> dict:
+    """One ``quantforge eval`` process: wall, CPU, the artifact's metrics, whether the reference came from the
+    cache and the thread count it used."""
+    cmd = [*QUANTFORGE, "eval", str(files[qtype]), "--reference", str(model), "--chunks", str(chunks),
+           *(["--threads", str(threads)] if threads else []), *task_args, "-o", str(out)]
+    wall, cpu, text = timed(cmd, {"QUANTFORGE_CACHE": str(cache)})
+    log(f"  {wall:.1f} s wall, {cpu:.1f} s CPU")
+    doc = json.loads(out.read_text())
+    picked = re.search(r"threads: (\d+) \(the idle cores", text)
+    return {"wall": wall, "cpu": cpu, "metrics": doc["artifacts"][0]["metrics"],
+            "cached": doc["settings"]["reference_from_cache"],
+            "threads": int(picked.group(1)) if picked else threads}
+
+
+def run_setting(threads: int | None, files: dict[str, Path], model: Path, text: Path, chunks: int, task: str,
+                limit: int, tmp: Path, load: list[float]) -> tuple[list[list[object]], list[str]]:
+    """Every measurement at one thread setting: table rows and summary lines."""
+    label = str(threads) if threads else "default"
+    tag = f"[threads {label}]"
+    anchor_ = Anchor(files, text, chunks, threads, tmp)
+    res: dict[str, dict] = {}
+    works = [("ppl", [])] + ([("task", ["--tasks", task, "--limit", str(limit)])] if task else [])
+    for work, task_args in works:
+        cache = tmp / f"cache-{label}-{work}"
+        for qtype in ("q4_k_m", "q8_0"):
+            log(f"{tag} quantforge eval {qtype} ({work})")
+            load.append(os.getloadavg()[0])
+            res[f"{work}-{qtype}"] = ours(files, qtype, model, chunks, threads, task_args, cache,
+                                          tmp / f"ours-{label}-{work}-{qtype}.json")
+    log(f"{tag} llama-perplexity --kl-divergence-base")
+    load.append(os.getloadavg()[0])
+    base = anchor_.base()
+    log(f"  {base[0]:.1f} s wall, {base[1]:.1f} s CPU")
+    kld = {}
+    for qtype in ("q4_k_m", "q8_0"):
+        log(f"{tag} llama-perplexity --kl-divergence ({qtype})")
+        kld[qtype] = anchor_.kld(qtype)
+        log(f"  {kld[qtype][0]:.1f} s wall, {kld[qtype][1]:.1f} s CPU")
+    lm: dict[str, tuple[float, float, float]] = {}
+    if task:
+        for key, margs in (("ref", f"pretrained={model},dtype=float32"),
+                           ("q4_k_m", f"pretrained={files['q4_k_m'].parent},gguf_file={files['q4_k_m'].name},"
+                                      "dtype=float32"),
+                           ("q8_0", f"pretrained={files['q8_0'].parent},gguf_file={files['q8_0'].name},"
+                                    "dtype=float32")):
+            log(f"{tag} lm_eval {key}")
+            load.append(os.getloadavg()[0])
+            lm[key] = lm_eval(margs, task, limit, tmp / f"lm-{label}-{key}", threads)
+            log(f"  {lm[key][0]:.1f} s wall, {lm[key][1]:.1f} s CPU, acc {lm[key][2]:.3f}")
+    picked = res["ppl-q4_k_m"]["threads"]
+    shown = f"{label} ({picked})" if not threads else label
+    rows, lines = [], []
+    for work, _ in works:
+        for i, qtype in enumerate(("q4_k_m", "q8_0")):
+            o = res[f"{work}-{qtype}"]
+            t_wall, t_cpu = kld[qtype][0], kld[qtype][1]
+            if i == 0:
+                t_wall, t_cpu = t_wall + base[0], t_cpu + base[1]
+            if work == "task":
+                parts = [lm[qtype]] + ([lm["ref"]] if i == 0 else [])
+                t_wall += sum(p[0] for p in parts)
+                t_cpu += sum(p[1] for p in parts)
+            what = ("PPL/KLD" if work == "ppl" else f"PPL/KLD + {task} x{limit}") + (
+                f", 1st artifact {qtype}, reference computed" if i == 0 else
+                f", 2nd artifact {qtype}, reference {'cached' if o['cached'] else 'NOT cached'}")
+            m = o["metrics"]
+            rows.append([shown, what, f"{o['wall']:.1f}", f"{o['cpu']:.1f}", f"{t_wall:.1f}", f"{t_cpu:.1f}",
+                         f"{o['wall'] / t_wall:.2f}", f"{o['cpu'] / t_cpu:.2f}",
+                         f"{m['kld_mean']:.5f} ± {m['kld_err']:.5f}", f"{kld[qtype][2]['kld_mean']:.5f}",
+                         f"{m['ppl']:.4f}", f"{kld[qtype][2]['ppl']:.4f}",
+                         f"{m[task + '_acc']:.3f}" if work == "task" else "",
+                         f"{lm[qtype][2]:.3f}" if work == "task" else ""])
+        first, second = res[f"{work}-q4_k_m"], res[f"{work}-q8_0"]
+        lines.append(f"threads {shown}, {'PPL/KLD' if work == 'ppl' else 'with ' + task}: first artifact "
+                     f"{first['wall']:.1f} s wall, {first['cpu']:.1f} s CPU; second / first = "
+                     f"{second['wall'] / first['wall']:.2f} wall, {second['cpu'] / first['cpu']:.2f} CPU.")
+    return rows, lines
+
+
+def entry(command: str, body: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"### {stamp}\n\n- command: `{command}`\n- device: {device_line()}\n\n{body}\n"
+
+
+def replace_section(text: str) -> None:
+    """Make ``text`` the only entry of this benchmark's section of RESULTS.md (created at the end if missing)."""
+    path = ROOT / "benchmarks" / "RESULTS.md"
+    doc = path.read_text()
+    heading = f"## {SECTION}"
+    if heading not in doc:
+        path.write_text(doc.rstrip("\n") + f"\n\n{heading}\n\n{text}")
+        return
+    start = doc.index(heading) + len(heading)
+    nxt = doc.find("\n## ", start)
+    end = len(doc) if nxt == -1 else nxt + 1
+    path.write_text(doc[:start] + "\n\n" + text + ("\n" if nxt != -1 else "") + doc[end:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", type=int, default=None, help="chunks (default: quantforge eval's default)")
-    ap.add_argument("--threads", type=int, default=None, help="--threads for both sides (default: each tool's own)")
-    ap.add_argument("--tasks", default="", help="lm-eval tasks for both sides, e.g. arc_easy (default none, as "
-                                               "quantforge eval's default)")
-    ap.add_argument("--limit", type=int, default=20)
-    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--threads-list", default="default,1",
+                    help="thread settings to measure, comma-separated: default (each tool chooses) or a number")
+    ap.add_argument("--tasks", default="arc_easy", help="one offline task for the task rows ('' to skip them)")
+    ap.add_argument("--limit", type=int, default=50, help="documents of the task")
+    ap.add_argument("--record", action="store_true", help="replace this benchmark's section of benchmarks/RESULTS.md")
     ap.add_argument("--anchor", choices=("base", "kld"), help=argparse.SUPPRESS)
+    ap.add_argument("--anchor-threads", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--base-file", help=argparse.SUPPRESS)
     ap.add_argument("--text", help=argparse.SUPPRESS)
@@ -147,10 +305,12 @@ def main() -> None:
     from quantforge.cli.eval_cmd import DEFAULT_CHUNKS
 
     chunks = args.chunks or DEFAULT_CHUNKS
-    threads = args.threads or max(1, min(os.cpu_count() or 1, 8))
     if args.anchor:
-        anchor(args.anchor, Path(args.gguf), Path(args.base_file), Path(args.text), chunks, threads)
+        anchor(args.anchor, Path(args.gguf), Path(args.base_file), Path(args.text), chunks, args.anchor_threads)
         return
+    if "," in args.tasks:
+        raise SystemExit("--tasks takes one task")
+    settings = [None if s.strip() == "default" else int(s) for s in args.threads_list.split(",") if s.strip()]
 
     from quantforge import fixtures
 
@@ -159,95 +319,48 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     files = artifacts(model, work)
     text = wikitext2_test()
-    thread_args = ["--threads", str(args.threads)] if args.threads else []
-    task_args = ["--tasks", args.tasks, "--limit", str(args.limit)] if args.tasks else []
-    rows, load = [], []
+    rows: list[list[object]] = []
+    lines: list[str] = []
+    load: list[float] = []
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        env = {"QUANTFORGE_CACHE": str(Path(tmp) / "cache")}
-        ours = {}
-        for i, qtype in enumerate(("q4_k_m", "q8_0")):
-            out = Path(tmp) / f"ours-{qtype}.json"
-            log(f"quantforge eval {qtype} ({'fresh' if i == 0 else 'cached'} reference)")
-            load.append(os.getloadavg()[0])
-            wall, cpu, _ = timed([*QUANTFORGE, "eval", str(files[qtype]), "--reference", str(model), "--chunks",
-                                  str(chunks), *thread_args, *task_args, "-o", str(out), "--quiet"], env)
-            doc = json.loads(out.read_text())
-            ours[qtype] = (wall, cpu, doc["artifacts"][0]["metrics"], doc["settings"]["reference_from_cache"])
-        base_file = Path(tmp) / "base.kld"
-        binary = LLAMA_BIN / "llama-perplexity"
-        if binary.is_file():
-            common = ["-f", str(text), "-c", str(N_CTX), "--chunks", str(chunks), "-t", str(threads), "-b", str(N_CTX)]
-            base_cmd = [str(binary), "-m", str(files["f16"]), "--kl-divergence-base", str(base_file), *common]
-
-            def kld_cmd(q: str) -> list[str]:
-                return [str(binary), "-m", str(files[q]), "--kl-divergence-base", str(base_file), "--kl-divergence",
-                        *common]
-            env = {"LD_LIBRARY_PATH": f"{LLAMA_BIN}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        else:
-            anchor_cmd = [sys.executable, str(Path(__file__).resolve()), "--chunks", str(chunks), "--threads",
-                          str(threads), "--base-file", str(base_file), "--text", str(text)]
-            base_cmd = [*anchor_cmd, "--anchor", "base", "--gguf", str(files["f16"])]
-
-            def kld_cmd(q: str) -> list[str]:
-                return [*anchor_cmd, "--anchor", "kld", "--gguf", str(files[q])]
-            env = {}
-        log(f"llama-perplexity --kl-divergence-base ({'binary' if binary.is_file() else 'llama-cpp-python'})")
-        load.append(os.getloadavg()[0])
-        base_wall, base_cpu, _ = timed(base_cmd, env)
-        theirs = {}
-        for qtype in ("q4_k_m", "q8_0"):
-            log(f"llama-perplexity --kl-divergence ({qtype})")
-            wall, cpu, stdout = timed(kld_cmd(qtype), env)
-            if binary.is_file():
-                from eval_table import parse_llama_perplexity
-
-                metrics = parse_llama_perplexity(stdout)
-            else:
-                metrics = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("{")))
-            theirs[qtype] = (wall, cpu, metrics)
-        lm = {"ref": (0.0, 0.0), "q4_k_m": (0.0, 0.0), "q8_0": (0.0, 0.0)}
-        if args.tasks:
-            for key, margs in (("ref", f"pretrained={model},dtype=float32"),
-                               ("q4_k_m", f"pretrained={work},gguf_file={files['q4_k_m'].name},dtype=float32"),
-                               ("q8_0", f"pretrained={work},gguf_file={files['q8_0'].name},dtype=float32")):
-                log(f"lm_eval {key}")
-                wall, cpu, _ = timed(lm_eval_cmd(margs, args.tasks, args.limit, Path(tmp) / f"lm-{key}"))
-                lm[key] = (wall, cpu)
-    first_ours, second_ours = ours["q4_k_m"], ours["q8_0"]
-    first_theirs = (base_wall + theirs["q4_k_m"][0] + lm["ref"][0] + lm["q4_k_m"][0],
-                    base_cpu + theirs["q4_k_m"][1] + lm["ref"][1] + lm["q4_k_m"][1])
-    second_theirs = (theirs["q8_0"][0] + lm["q8_0"][0], theirs["q8_0"][1] + lm["q8_0"][1])
-    header = ["run", "quantforge eval wall s", "CPU s", "llama.cpp workflow wall s", "CPU s", "ours / theirs (wall)",
-              "KLD ours", "KLD theirs", "PPL ours", "PPL theirs"]
-    for label, o, t, q in (("first artifact (q4_k_m), reference computed", first_ours, first_theirs, "q4_k_m"),
-                           ("second artifact (q8_0), reference cached", second_ours, second_theirs, "q8_0")):
-        rows.append([label, round(o[0], 1), round(o[1], 1), round(t[0], 1), round(t[1], 1), round(o[0] / t[0], 2),
-                     f"{o[2]['kld_mean']:.5f}", f"{theirs[q][2]['kld_mean']:.5f}", f"{o[2]['ppl']:.4f}",
-                     f"{theirs[q][2]['ppl']:.4f}"])
-    second_ratio = second_ours[0] / first_ours[0]
-    second_cpu_ratio = second_ours[1] / first_ours[1]
-    body = table(header, rows) + "\n\n" + "\n".join([
-        f"Work: {chunks} chunks x {N_CTX} tokens of WikiText-2 test ({chunks * (N_CTX // 2 - 1)} scored tokens)"
-        + (f", lm-eval {args.tasks} limit {args.limit}" if args.tasks else ", no lm-eval tasks (the default)")
-        + f"; threads: {args.threads or 'each tool default'}; 1-minute load average at the starts: "
-        + ", ".join(f"{x:.1f}" for x in load) + ".",
-        f"Second artifact against the cached reference: {second_ratio:.2f} of the first's wall time, "
-        f"{second_cpu_ratio:.2f} of its CPU time (reference read from the cache: {second_ours[3]}; goal < 0.5). "
-        f"Goal for the first: < 90 s; wall time on this shared machine follows the load, CPU time is the work.",
-        ("Anchor: llama.cpp's own `llama-perplexity` binary (.bench/llama-build), its reference the f16 GGUF. "
-         if (LLAMA_BIN / "llama-perplexity").is_file() else
-         "Anchor: llama.cpp's binaries were not built; its llama-perplexity passes are reproduced through "
-         "llama-cpp-python (same library, one eval per chunk, base log-probs kept between passes), its reference "
-         "the f16 GGUF. ")
-        + "Ours: the bf16 checkpoint in float32 through transformers, the artifact through llama-cpp-python.",
+        for threads in settings:
+            r, s = run_setting(threads, files, model, text, chunks, args.tasks, args.limit, Path(tmp), load)
+            rows += r
+            lines += s
+        described = Anchor(files, text, chunks, None, Path(tmp)).describe()
+    header = ["threads", "work", "quantforge eval wall s", "CPU s", "anchor wall s", "CPU s", "ours / anchor wall",
+              "CPU", "KLD ours ± err", "KLD llama.cpp", "PPL ours", "PPL llama.cpp", "acc ours", "acc lm_eval"]
+    body = "\n".join([
+        table(header, rows), "",
+        f"Work: SmolLM2-135M-Instruct, {chunks} chunks x {N_CTX} tokens of WikiText-2 test "
+        f"({chunks * (N_CTX // 2 - 1)} scored tokens)" + (f"; task rows add lm-eval {args.tasks}, {args.limit} "
+                                                           "documents (offline copy)" if args.tasks else "")
+        + ". Threads `default (N)`: no thread option to any tool, quantforge took N (the idle cores at its start). "
+        "1-minute load average at the starts: " + ", ".join(f"{x:.1f}" for x in load) + ".",
+        *lines,
+        "Goals: first artifact < 90 s wall on this machine; second / first < 0.5. Wall time on a shared machine "
+        "follows the load; CPU time is the work.",
+        f"Anchor: {described}, its reference the f16 GGUF; the second artifact's anchor is its own "
+        "--kl-divergence pass (the base file is reused)" + (", plus `lm_eval --model hf` (reference in float32; "
+                                                            "artifact through `gguf_file`, dequantized by "
+                                                            "transformers) on the same task copy and limit; the "
+                                                            "second needs only the artifact's lm_eval run"
+                                                            if args.tasks else "")
+        + ". Ours: the bf16 checkpoint in float32 through transformers, the GGUF through llama-cpp-python (its "
+        "task accuracy can differ a little from lm_eval's, which runs the GGUF's weights dequantized in float32).",
     ])
-    print(body)  # noqa: T201
+    cmd = "python benchmarks/eval_speed.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in (("chunks", args.chunks),
+                                                     ("threads_list", args.threads_list
+                                                      if args.threads_list != "default,1" else None),
+                                                     ("tasks", args.tasks if args.tasks != "arc_easy" else None),
+                                                     ("limit", args.limit if args.limit != 50 else None)) if v)
+    if args.tasks == "":
+        cmd += " --tasks ''"
+    text_out = entry(cmd + (" --record" if args.record else ""), body)
+    print(text_out)  # noqa: T201
     if args.record:
-        cmd = "python benchmarks/eval_speed.py" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in (("chunks", args.chunks), ("threads", args.threads),
-                                                         ("tasks", args.tasks or None),
-                                                         ("limit", args.limit if args.tasks else None)) if v)
-        record(SECTION, cmd + " --record", device_line(), body)
+        replace_section(text_out)
 
 
 if __name__ == "__main__":

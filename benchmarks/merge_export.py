@@ -51,12 +51,12 @@ PeftModel.from_pretrained(base, sys.argv[2]).merge_and_unload().save_pretrained(
 """
 
 
-def run(cmd: list[str], safe_path: bool = True) -> tuple[float, float]:
+def run(cmd: list[str], safe_path: bool = True, env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of one child process. ``safe_path``: keep the working folder off
     ``sys.path`` (the repository's ``kernels/`` would shadow the Hub package transformers imports); llama.cpp's
-    converter needs its own folder on it."""
+    converter needs its own folder on it. ``env`` adds variables to the child's environment."""
     t0 = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}, **(env or {})}
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child must never block on a full pipe
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                 env={**env, "PYTHONSAFEPATH": "1"} if safe_path else env)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..inspect import describe, mix_label
+from ..inspect import Report, TensorRow, describe, mix_label
 from .engines import artifact_kind
 
 FORMAT_NAMES = {"gguf": "gguf", "bnb4": "bnb4", "checkpoint": "hf"}
@@ -49,6 +49,18 @@ def _folder_plan(folder: Path) -> Any:
     return None
 
 
+def _gguf_report(path: Path) -> Report:
+    """What :func:`quantforge.inspect.describe` reports of a GGUF for this purpose (types, shapes, bytes, scalar
+    metadata), read from the header without decoding the vocabulary arrays (seconds of Python for 50k tokens)."""
+    import gguf
+
+    from ..gguf_reader import ArrayValue, read_header
+
+    meta, tensors = read_header(path)
+    rows = [TensorRow(t.name, gguf.GGMLQuantizationType(t.type_id).name.lower(), t.shape, t.nbytes) for t in tensors]
+    return Report(str(path), "gguf", {k: str(v) if isinstance(v, ArrayValue) else v for k, v in meta.items()}, rows)
+
+
 def describe_artifact(path: str | os.PathLike[str], n_weights: int | None = None) -> dict[str, Any]:
     """``name``, ``path``, ``format``, ``type``, ``plan``, ``size_bytes`` and ``bpw`` of an artifact.
 
@@ -56,7 +68,7 @@ def describe_artifact(path: str | os.PathLike[str], n_weights: int | None = None
     so its tensor shapes undercount the weights; the loaded model knows the real count)."""
     p = Path(path)
     kind = artifact_kind(p)
-    report = describe(p)
+    report = _gguf_report(p) if kind == "gguf" else describe(p)
     params = n_weights or report.total_params
     bpw = 8.0 * report.total_bytes / max(params, 1)
     plan = None

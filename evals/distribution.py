@@ -15,7 +15,8 @@ from . import metrics
 from .engines import Engine
 
 DEFAULT_CACHE_BYTES = 2 << 30
-ROW_BLOCK = 64
+ROW_BLOCK = 16
+"""Rows scored at a time: float64 [16, V] blocks stay in cache (64-row blocks took 1.4x as long on SmolLM2)."""
 
 
 PREFIX_CHARS_PER_TOKEN = 16
@@ -94,6 +95,9 @@ def score(engine: Engine, chunks: Sequence[Sequence[int]], reference: ReferenceL
         base = reference[i] if reference is not None else None
         logits = base if reuse_reference else scored_logits(engine, chunk)
         for rows in _blocks(len(targets), ROW_BLOCK):
+            if reuse_reference and not llamacpp_base:
+                stats.add_self(logits[rows], targets[rows])
+                continue
             base_lp = None
             if base is not None:
                 block = base[rows]

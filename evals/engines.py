@@ -12,6 +12,7 @@ Nothing is patched globally: each engine owns its model instance. Logits come ba
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -113,6 +114,7 @@ class HFEngine(Engine):
         self._last: Any = None
         floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
         self.reuse_ok = bool(floats) and all(d == torch.float32 for d in floats)
+        self._keeps_rows = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special))
@@ -153,9 +155,10 @@ class HFEngine(Engine):
         split = start + 1
         if not (reuse and self.reuse_ok):
             ids = torch.tensor([seq], dtype=torch.long, device=self.device)
+            keep = {"logits_to_keep": len(seq) - start} if self._keeps_rows and start > 0 else {}
             with self._no_grad():
-                logits = self.model(input_ids=ids, use_cache=False).logits[0]  # [len, V]
-            return logits[start:].to(device="cpu", dtype=torch.float32)
+                logits = self.model(input_ids=ids, use_cache=False, **keep).logits[0]  # [len - start, V]
+            return logits[logits.shape[0] - (len(seq) - start):].to(device="cpu", dtype=torch.float32)
         if self._cache is None or self._prev != seq[:split]:
             self._cache = DynamicCache()
             ids = torch.tensor([seq[:split]], dtype=torch.long, device=self.device)
@@ -238,7 +241,8 @@ class LlamaCppEngine(Engine):
     kind = "llama.cpp"
 
     def __init__(self, path: str | os.PathLike[str], n_ctx: int = DEFAULT_MAX_LENGTH, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, n_batch: int = 512, flash_attn: bool = True) -> None:
+                 n_gpu_layers: int = 0, n_batch: int = 512, flash_attn: bool = True,
+                 lora_path: str | os.PathLike[str] | None = None) -> None:
         try:
             import llama_cpp
         except ImportError as exc:
@@ -248,7 +252,7 @@ class LlamaCppEngine(Engine):
         self.llm = llama_cpp.Llama(
             model_path=self.path, logits_all=True, n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
             n_threads=threads, n_threads_batch=threads, n_gpu_layers=int(n_gpu_layers), flash_attn=bool(flash_attn),
-            verbose=False,
+            lora_path=None if lora_path is None else str(lora_path), verbose=False,
         )
         self.vocab_size = int(self.llm.n_vocab())
         self.max_length = int(self.llm.n_ctx())
@@ -256,6 +260,7 @@ class LlamaCppEngine(Engine):
         bos = int(self.llm.token_bos())
         self.bos_id = bos if bos >= 0 else None
         self._prefix: list[int] | None = None
+        self._raw_batch: Any = None
         probe = self.llm.tokenize(b"a", add_bos=True, special=True)
         self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
 
@@ -306,11 +311,53 @@ class LlamaCppEngine(Engine):
                 if split < len(seq):
                     llm.eval(seq[split:])
             else:
-                llm.n_tokens = 0
-                llm.eval(seq)
+                out.append(torch.from_numpy(self._fresh(seq, start)))
                 self._prefix = None
+                continue
             out.append(torch.from_numpy(np.array(llm.scores[start:len(seq)], dtype=np.float32)))
         return out
+
+    def _fresh(self, seq: list[int], start: int) -> Any:
+        """Rows ``start ..`` of ``seq``'s logits from one pass over an empty cache, llama.cpp computing the output
+        layer for those rows only (as ``llama-perplexity`` asks for the scored half of a chunk): ``[rows, V]``
+        float32. Each row's numbers equal a pass with every row's logits; the saving is the output matmul and
+        the copy of the unwanted rows."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), -1, 0, -1)
+        llm.n_tokens = 0
+        batch = self._batch()
+        rows = []
+        for b in range(0, len(seq), llm.n_batch):
+            piece = seq[b:b + llm.n_batch]
+            batch.n_tokens = len(piece)
+            for i, tok in enumerate(piece):
+                batch.token[i] = tok
+                batch.pos[i] = b + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = b + i >= start
+            if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed on a {len(piece)}-token batch")
+            llm.input_ids[b:b + len(piece)] = piece
+            llm.n_tokens = b + len(piece)
+            n_out = len(piece) - max(0, min(start - b, len(piece)))
+            if n_out:
+                view = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_out, self.vocab_size))
+                rows.append(view.copy())
+        if not rows:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def _batch(self) -> Any:
+        """A ``llama_batch`` of ``n_batch`` tokens, made on first use and freed by :meth:`close`."""
+        import llama_cpp
+
+        if self._raw_batch is None:
+            self._raw_batch = llama_cpp.llama_batch_init(self.llm.n_batch, 0, 1)
+        return self._raw_batch
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int, stop: Sequence[str]) -> str:
         import numpy as np
@@ -340,6 +387,11 @@ class LlamaCppEngine(Engine):
         return cut_at_stop(self.decode(new), stop_list)
 
     def close(self) -> None:
+        if self._raw_batch is not None:
+            import llama_cpp
+
+            llama_cpp.llama_batch_free(self._raw_batch)
+            self._raw_batch = None
         if self.llm is not None:
             self.llm.close()
         self.llm = None
@@ -429,11 +481,13 @@ def load_gguf_torch(path: str | os.PathLike[str], dtype: str | None = None, devi
 
 
 def load_gguf_llamacpp(path: str | os.PathLike[str], n_ctx: int = DEFAULT_MAX_LENGTH, n_threads: int | None = None,
-                       device: str = "cpu", flash_attn: bool = True, **_: Any) -> LlamaCppEngine:
-    """A GGUF run by llama.cpp (all layers offloaded when ``device`` is a GPU)."""
+                       device: str = "cpu", flash_attn: bool = True, lora_path: str | None = None,
+                       **_: Any) -> LlamaCppEngine:
+    """A GGUF run by llama.cpp (all layers offloaded when ``device`` is a GPU), with a LoRA GGUF adapter applied
+    when ``lora_path`` names one."""
     p = _require_gguf(path)
     return LlamaCppEngine(p, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=0 if device == "cpu" else -1,
-                          flash_attn=flash_attn)
+                          flash_attn=flash_attn, lora_path=lora_path)
 
 
 def _require_dir(path: str | os.PathLike[str]) -> Path:
@@ -465,7 +519,7 @@ def open_engine(path: str | os.PathLike[str], engine: str | None = None, **opts:
             raise InputError(f"unknown GGUF engine {engine!r}; expected one of {', '.join(GGUF_ENGINES)}")
         if engine == "torch":
             return load_gguf_torch(p, **_only(opts, "dtype", "device", "batch_size", "max_length", "tokenizer"))
-        return load_gguf_llamacpp(p, **_only(opts, "n_ctx", "n_threads", "device", "flash_attn"))
+        return load_gguf_llamacpp(p, **_only(opts, "n_ctx", "n_threads", "device", "flash_attn", "lora_path"))
     if engine not in (None, "torch"):
         raise InputError(f"engine={engine} applies to .gguf files only; {p} is a {kind} folder")
     loader = load_bnb4 if kind == "bnb4" else load_hf

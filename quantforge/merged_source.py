@@ -8,7 +8,10 @@ stored.
 
 ``base="original"`` adds the delta to the 16-bit weights of the checkpoint; ``base="quantized"`` adds it to the
 weights as the adapter saw them in training: the checkpoint quantized to ``base_format`` (NF4 by default, with
-bitsandbytes' double quantization) and dequantized.
+bitsandbytes' double quantization) and dequantized. With ``base_gguf`` (a GGUF file of the model, as
+``quantforge train --base-gguf`` / ``--base-format gguf --plan`` trained on it) every tensor the file holds comes
+from it instead, dequantized exactly (Q/K rows back in HF order, Gemma norms minus one): the merge starts from the
+very weights the adapter was trained on, and a 16-bit export of it is the trained model itself.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ class MergedSource(ModelSource):
     base_format: str = "nf4"
     double_quant: bool = True
     device: str = "cpu"
+    base_gguf: str | None = None
+    _gguf: dict[str, Any] | None = field(default=None, repr=False)
     _cache: OrderedDict[str, Any] = field(default_factory=OrderedDict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open_merged(cls, model: str | os.PathLike[str], adapter: str | os.PathLike[str] | LoraAdapter,
                     base: str = "original", base_format: str = "nf4", double_quant: bool = True,
-                    device: str = "cpu") -> MergedSource:
-        """Open ``model``, load ``adapter`` and check that every adapter module fits the checkpoint."""
+                    device: str = "cpu", base_gguf: str | os.PathLike[str] | None = None) -> MergedSource:
+        """Open ``model``, load ``adapter`` and check that every adapter module fits the checkpoint (and, with
+        ``base_gguf``, that the GGUF holds this model's tensors)."""
         from .formats import get_format
 
         if base not in BASES:
@@ -57,8 +63,55 @@ class MergedSource(ModelSource):
                              path=src.path)
         lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.load(adapter)
         lora.check_base(src.tensors)
-        return cls(path=src.path, config=src.config, tensors=src.tensors, adapter=lora, base=base,
-                   base_format=base_format, double_quant=double_quant, device=device)
+        out = cls(path=src.path, config=src.config, tensors=src.tensors, adapter=lora, base=base,
+                  base_format=base_format, double_quant=double_quant, device=device,
+                  base_gguf=None if base_gguf is None else str(base_gguf))
+        if base_gguf is not None:
+            out._gguf_tensors()
+        return out
+
+    def _gguf_tensors(self) -> dict[str, Any]:
+        """HF name -> reader tensor of ``base_gguf`` (opened once); shapes checked against the checkpoint."""
+        if self._gguf is None:
+            from . import arch as archmod
+            from .errors import UnsupportedArch
+            from .gguf_reader import open_gguf
+
+            spec = archmod.arch_for(self.model_type)
+            found: dict[str, Any] = {}
+            for t in open_gguf(self.base_gguf).tensors:
+                if t.name in archmod.COMPUTED_TENSORS or archmod.is_expert_tensor(t.name):
+                    continue
+                try:
+                    hf = archmod.hf_name(spec, t.name)
+                except UnsupportedArch:
+                    continue
+                shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+                if hf in self.tensors and shape != tuple(self.tensors[hf].shape):
+                    raise InputError(f"the base GGUF's {t.name} has shape {list(shape)}, the checkpoint's {hf} "
+                                     f"{list(self.tensors[hf].shape)}: it is a GGUF of another model",
+                                     path=self.base_gguf)
+                found[hf] = t
+            missing = sorted(set(self.adapter.modules) - set(found)) if self.adapter is not None else []
+            if missing:
+                raise InputError(f"the base GGUF has no tensor for {missing[0]}: it is a GGUF of another model",
+                                 path=self.base_gguf)
+            self._gguf = found
+        return self._gguf
+
+    def _gguf_get(self, name: str) -> Any:
+        """Tensor ``name`` of ``base_gguf`` in float32 and HF orientation."""
+        from . import arch as archmod
+        from .gguf_reader import dequantize_tensor
+
+        w = dequantize_tensor(self._gguf_tensors()[name])
+        spec = archmod.arch_for(self.model_type)
+        heads = archmod.qk_heads(spec, name, self.text_config)
+        if heads:
+            w = archmod.unpermute_rows(w, heads)
+        if spec.norm_plus_one and name.endswith("norm.weight"):
+            w = w - 1.0
+        return w
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> Any:
         lora = self.adapter
@@ -66,6 +119,9 @@ class MergedSource(ModelSource):
             t = lora.replacements[name]
             return t if rows is None else t[rows[0]:rows[1]]
         if lora is None or name not in lora.modules:
+            if self.base_gguf is not None and name in self._gguf_tensors():
+                w = self._gguf_get(name)
+                return w if rows is None else w[rows[0]:rows[1]]
             return super().get(name, rows)
         merged = self._merged(name)
         return merged if rows is None else merged[rows[0]:rows[1]]
@@ -91,8 +147,10 @@ class MergedSource(ModelSource):
 
         mod = self.adapter.modules[name]
         base = self.adapter.replacements.get(name)
+        if self.base_gguf is not None and base is None:
+            base = self._gguf_get(name)
         w = (super().get(name) if base is None else base).to(self.device)  # NaN/Inf: the exporters' checks
-        if self.base == "quantized":
+        if self.base == "quantized" and self.base_gguf is None:
             qw = QuantWeight.quantize(w.to(torch.float32), self.base_format, double_quant=self.double_quant)
         else:
             fmt = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(w.dtype, "f32")

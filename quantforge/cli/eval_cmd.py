@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per PPL/KLD chunk (llama-perplexity's 512)")
     p.add_argument("--chunks", type=int, default=DEFAULT_CHUNKS,
-                   help=f"number of --ctx chunks to score (default {DEFAULT_CHUNKS}: about a minute of CPU for a 135M "
+                   help=f"number of --ctx chunks to score (default {DEFAULT_CHUNKS}: under a minute of CPU for a 135M "
                         "model, enough to rank quant types that differ clearly; more chunks shrink the standard "
                         "errors for close ones; 0 = the whole text, WikiText-2 test is 570+ chunks)")
     p.add_argument("--text", default=None, help="text for PPL/KLD (default: WikiText-2 test from the data folder)")
@@ -44,8 +44,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
                    help="compute dtype of HF models (default float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of llama.cpp and torch "
-                   "(default: torch's own, up to 8 for llama.cpp)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of llama.cpp and torch (default: the "
+                   "cores idle at the start, at least 1, at most 8: on a busy machine one thread is much faster than "
+                   "two)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per forward for HF models")
     p.add_argument("--seed", type=int, default=1234, help="seed for lm-eval sampling and few-shot order")
     p.add_argument("--task-source", choices=("auto", "local", "hub"), default="auto",
@@ -135,17 +136,23 @@ def run(args: Any) -> int:
     check_args(args)
     for p in report.output_paths(args.output):
         check_output(p, args.force)
-    if args.threads is not None:
+    threads = args.threads
+    if threads is None and args.device == "cpu":
+        from quantforge.evals.threads import default_threads
+
+        threads = default_threads()
+        _log(f"threads: {threads} (the idle cores now; --threads N to choose)")
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
     from quantforge.evals.runner import EvalSettings, evaluate
 
     settings = EvalSettings(
         tasks=[t for t in args.tasks.split(",") if t.strip()], limit=args.limit, n_ctx=args.ctx,
         n_chunks=args.chunks or None, text=args.text, seed=args.seed, engine=args.engine, device=args.device,
-        dtype=args.dtype, n_threads=args.threads, batch_size=args.batch_size, task_source=args.task_source,
+        dtype=args.dtype, n_threads=threads, batch_size=args.batch_size, task_source=args.task_source,
         llamacpp_base=args.llamacpp_base, engine_opts={"flash_attn": False} if args.no_flash_attn else {},
     )
     results = evaluate(args.artifacts, args.reference, settings, log=_log, use_cache=not args.no_cache)

@@ -1,12 +1,15 @@
 """``quantforge export MODEL ADAPTER_DIR --to ollama -o DIR``: a trained LoRA adapter as a folder ``ollama create``
-accepts (merged GGUF + Modelfile, or base GGUF + adapter GGUF + Modelfile); ``--to lora-gguf -o FILE`` writes the
-adapter alone as a llama.cpp GGUF adapter."""
+accepts (merged GGUF + Modelfile, or base GGUF + adapter GGUF + Modelfile; with ``--eval``, the exported model's
+scores against base + adapter beside them); ``--to lora-gguf -o FILE`` writes the adapter alone as a llama.cpp
+GGUF adapter."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ._common import out, progress
+from .export_eval import add_eval_args, check_eval_args, evaluate_export
 from .merge_cmd import add_merge_args
 
 
@@ -24,6 +27,7 @@ def add_parser(sub: Any) -> None:
                         "merging")
     p.add_argument("--adapter-type", choices=("f32", "f16"), default="f32", help="LoRA GGUF tensor type")
     add_merge_args(p)
+    add_eval_args(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
@@ -35,6 +39,7 @@ def run(args: Any) -> int:
     from quantforge.model_source import ModelSource
 
     check_output(args.output, args.force)
+    check_eval_args(args)
     adapter = LoraAdapter.load(args.adapter)
     if args.to == "lora-gguf":
         result = export_lora_gguf(adapter, args.model, args.output, dtype=args.adapter_type, force=args.force)
@@ -66,5 +71,11 @@ def run(args: Any) -> int:
             export_lora_gguf(adapter, src, tmp / "adapter.gguf", dtype=args.adapter_type)
             adapter_file = "adapter.gguf"
         write_modelfile(tmp, src, "model.gguf", adapter_file)
+        results = (evaluate_export(args, adapter, tmp, Path(args.output), "model.gguf", adapter_file)
+                   if args.eval else None)
+    if results is not None:
+        from quantforge.evals.report import markdown_table
+
+        out(markdown_table(results))
     out(f"wrote {args.output} (ollama create NAME -f {args.output}/Modelfile)")
     return 0

@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> None:
                    help="hf16 (and bnb4 compute) dtype; fp32 keeps the merged weights unrounded")
     p.add_argument("--max-shard-size", default="5GB", help="bnb4/hf16: largest shard")
     add_merge_args(p)
+    p.add_argument("--base-gguf", default=None, metavar="FILE",
+                   help="take the base weights from this GGUF (the file the adapter was trained on with 'quantforge "
+                        "train --base-gguf' or '--base-format gguf --plan'); overrides --base")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
 
@@ -46,7 +49,8 @@ def open_merged(args: Any) -> Any:
     from quantforge.merged_source import MergedSource
 
     return MergedSource.open_merged(args.model, args.adapter, base=args.base, base_format=args.base_type,
-                                    double_quant=args.base_double_quant, device=args.device)
+                                    double_quant=args.base_double_quant, device=args.device,
+                                    base_gguf=getattr(args, "base_gguf", None))
 
 
 def run(args: Any) -> int:
