@@ -179,12 +179,13 @@ def _specs(src: ModelSource, name: str, quantize: bool, dtype: Any, double_quant
     if not quantize:
         return [TensorSpec(name, dtype if st_dtype.is_floating_point else st_dtype, info.shape)]
     n = src.numel(name)
-    blocks = -(-n // get_format("nf4").block_size)
+    fmt = get_format(quant_type)
+    blocks = -(-n // fmt.block_size)
     specs = [TensorSpec(name, torch.uint8, ((n + 1) // 2, 1)),
              TensorSpec(f"{name}.absmax", torch.uint8 if double_quant else torch.float32, (blocks,)),
              TensorSpec(f"{name}.quant_map", torch.float32, (16,))]
     if double_quant:
-        specs += [TensorSpec(f"{name}.nested_absmax", torch.float32, (-(-blocks // 256),)),
+        specs += [TensorSpec(f"{name}.nested_absmax", torch.float32, (-(-blocks // fmt.nested_block),)),
                   TensorSpec(f"{name}.nested_quant_map", torch.float32, (256,))]
     specs.append(TensorSpec(f"{name}.quant_state.bitsandbytes__{quant_type}", torch.uint8, None, _QUANT_STATE_MAX))
     return specs

@@ -46,7 +46,7 @@ from ._blocks import as_byte_blocks
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 QK = get_format("nf4").block_size
-NESTED_BLOCK = 256
+NESTED_BLOCK = get_format("nf4").nested_block
 QUANT_TYPES = ("nf4", "fp4")
 _TINY = 1e-38
 _LUT_SIZE = 65536

@@ -43,6 +43,9 @@ class QuantFormat:
     takes_imatrix: bool = False
     tile: str | None = None
     """``module:function`` of the ``@triton.jit`` tile dequantizer (signature in :mod:`quantforge.kernels.tiles`)."""
+    nested_block: int | None = None
+    """bitsandbytes 4-bit only: blocks per float32 nested absmax under double quantization (each block's absmax
+    is stored as one uint8 code)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -144,8 +147,8 @@ for _f in (
     QuantFormat("q6_k", Family.GGUF, 256, 210, 14, _K + "q6_k", takes_imatrix=True, tile=_T + "q6_k_tile"),
     QuantFormat("iq4_nl", Family.GGUF, 32, 18, 20, _K + "iq4_nl", takes_imatrix=True, tile=_T + "iq4_nl_tile"),
     QuantFormat("iq4_xs", Family.GGUF, 256, 136, 23, _K + "iq4_xs", takes_imatrix=True, tile=_T + "iq4_xs_tile"),
-    QuantFormat("nf4", Family.BNB, 64, 36, None, _K + "nf4:NF4", tile=_T + "bnb4_tile"),
-    QuantFormat("fp4", Family.BNB, 64, 36, None, _K + "nf4:FP4", tile=_T + "bnb4_tile"),
+    QuantFormat("nf4", Family.BNB, 64, 36, None, _K + "nf4:NF4", tile=_T + "bnb4_tile", nested_block=256),
+    QuantFormat("fp4", Family.BNB, 64, 36, None, _K + "nf4:FP4", tile=_T + "bnb4_tile", nested_block=256),
 ):
     register(_f)
 del _f

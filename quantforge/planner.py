@@ -246,8 +246,9 @@ def plan_gguf(table: dict[str, Any], tensors: Sequence[tuple[str, tuple[int, ...
 def bnb4_bytes(n: int, double_quant: bool = False) -> int:
     """Bytes of ``n`` weights in bitsandbytes 4-bit: packed codes plus absmax per 64 (fp32, or uint8 plus an
     fp32 per 256 blocks with double quantization)."""
-    blocks = -(-n // get_format("nf4").block_size)
-    return n // 2 + (blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks)
+    fmt = get_format("nf4")
+    blocks = -(-n // fmt.block_size)
+    return n // 2 + (blocks + 4 * -(-blocks // fmt.nested_block) if double_quant else 4 * blocks)
 
 
 def plan_bnb4(table: dict[str, Any], params: dict[str, tuple[int, ...]], max_overhead: float,
