@@ -1,6 +1,6 @@
 """HF -> f16 / q8_0 GGUF: quantforge vs llama.cpp's convert_hf_to_gguf.py (vendored in llama-cpp-python's sdist),
 wall time and peak RSS in fresh processes on the same machine; plus peak RSS of our exporter on a synthetic
-~2 GB checkpoint against the bound 1.5 x largest tensor + interpreter baseline (issue 2).
+~2 GB checkpoint against the bound 1.5 x largest tensor + interpreter baseline.
 
     python benchmarks/convert_speed.py [--repeats 3] [--skip-synthetic] [--record]
 
@@ -111,7 +111,7 @@ def main() -> None:
         command = "python benchmarks/convert_speed.py --record"
         command += f" --repeats {args.repeats}" if args.repeats > 1 else ""
         command += " --skip-synthetic" if args.skip_synthetic else ""
-        record("HF -> GGUF conversion (issue 2)", command, device_line(), body)
+        record("HF -> GGUF conversion", command, device_line(), body)
 
 
 if __name__ == "__main__":

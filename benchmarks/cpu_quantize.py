@@ -1,5 +1,5 @@
 """CPU whole-model quantize speed: quantforge vs llama.cpp's ``llama_model_quantize``, same machine, 2 threads
-(issue 3). SmolLM2-135M (plain) to q4_k_m, q3_k_m, q2_k and iq4_xs, no imatrix.
+(llama.cpp's own quantizer as the anchor). SmolLM2-135M (plain) to q4_k_m, q3_k_m, q2_k and iq4_xs, no imatrix.
 
     python benchmarks/cpu_quantize.py [--repeats 3] [--mixes q4_k_m,q3_k_m,q2_k,iq4_xs] [--record]
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import record, table  # noqa: E402
 
 MIXES = {"q4_k_m": 15, "q3_k_m": 12, "q2_k": 10, "iq4_xs": 30}  # name -> LLAMA_FTYPE
-SECTION = "CPU quantize vs llama_model_quantize (issue 3)"
+SECTION = "CPU quantize vs llama_model_quantize"
 DEVICE = "AMD EPYC, 2 cores (no GPU); 2 threads each side"
 
 OURS = """

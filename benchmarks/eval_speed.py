@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH, LLAMA_BIN, ROOT, device_line, table  # noqa: E402
 
-SECTION = "Evaluation speed (issue 23)"
+SECTION = "Evaluation speed"
 N_CTX = 512
 QUANTFORGE = [sys.executable, "-m", "quantforge.cli.main"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONSAFEPATH": "1"}

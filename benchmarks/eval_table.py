@@ -1,4 +1,4 @@
-"""Evaluation table for SmolLM2-135M-Instruct (issue 6), plus a cross-check against ``llama-perplexity``.
+"""Evaluation table for SmolLM2-135M-Instruct, plus a cross-check against ``llama-perplexity``.
 
 For each fixture variant (plain, dithered; see shared/reference/FIXTURES.md):
 
@@ -32,7 +32,7 @@ from _common import BENCH, LLAMA_BIN, record  # noqa: E402
 
 GGUF_TYPES = ("q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k")
 LLAMA_FTYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}
-SECTION = "Evaluation table (issue 6)"
+SECTION = "Evaluation table"
 DEVICE = "AMD EPYC, 2 cores (no GPU)"
 BOUND = 0.01
 

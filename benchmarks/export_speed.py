@@ -4,12 +4,19 @@ tokenizer), with a warm and a cold page cache, peak RSS; llama.cpp's ``convert_h
 followed by ``llama-quantize`` in the same run as the anchor, and the tensors of both files compared.
 
     python benchmarks/export_speed.py --dir /tmp/l8b --tokenizer .bench/qlora/smollm2 [--types q4_k_m,q6_k,q8_0]
-        [--device cuda] [--cpu-types q4_k_m] [--llama] [--layers 32] [--profile]
+        [--device cuda] [--cpu-types q4_k_m] [--llama q4_k_m] [--layers 32] [--profile [TYPES]]
+        [--imatrix FILE --types iq2_xxs --llama iq2_xxs]
 
 The checkpoint is built once (on the GPU when there is one) and reused. A cold run first drops the page cache
 (``/proc/sys/vm/drop_caches`` when permitted, else ``posix_fadvise(DONTNEED)`` on every shard after ``fsync``);
 the table names the method used. ``--profile`` adds one in-process run with the stage timers of
-:mod:`quantforge.exporters.gguf.pipeline` (read, host->device, encode, device->host, write).
+:mod:`quantforge.exporters.gguf.pipeline` (read, host->device, encode, device->host, write) for the first type, or
+for each type of a comma-separated list.
+
+The i-quant mixes that llama.cpp makes only with an importance matrix (:data:`IMATRIX_MIXES`) take it from
+``--imatrix FILE`` (the ``imatrix.gguf`` that ``quantforge calibrate`` writes, e.g. through
+``benchmarks/calibrate_speed.py``); both sides get the same file (``quantize --imatrix``, ``llama-quantize
+--imatrix``, which reads that GGUF imatrix format).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
 """Llama-3.1-8B's shapes (8.03B parameters); SmolLM2's tokenizer fills the vocabulary metadata, padded to 128256."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 QF = [sys.executable, "-P", "-m", "quantforge.cli.main"]
+IMATRIX_MIXES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs")
+"""Mixes run with ``--imatrix`` on both sides (llama-quantize refuses most of them without one)."""
 
 
 def llama_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -129,21 +138,36 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
-def ours(model: Path, qtype: str, out: Path, device: str, env: dict | None = None) -> tuple[float, float]:
+def imatrix_for(qtype: str, imatrix: Path | None) -> Path | None:
+    """The imatrix a mix is run with: ``imatrix`` for :data:`IMATRIX_MIXES` (required there), else none."""
+    if qtype not in IMATRIX_MIXES:
+        return None
+    if imatrix is None:
+        raise SystemExit(f"{qtype} needs an importance matrix: pass --imatrix FILE (benchmarks/calibrate_speed.py "
+                         "writes one with `quantforge calibrate`)")
+    return imatrix
+
+
+def ours(model: Path, qtype: str, out: Path, device: str, env: dict | None = None,
+         imatrix: Path | None = None) -> tuple[float, float]:
+    extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
     return measure([*QF, "quantize", str(model), "--format", "gguf", "--type", qtype, "--device", device,
-                    "-o", str(out), "--force", "--quiet"], env=env)
+                    "-o", str(out), "--force", "--quiet", *extra], env=env)
 
 
-def llama_cpp(model: Path, qtype: str, work: Path, threads: int) -> tuple[float, float, float, Path]:
-    """``convert_hf_to_gguf.py --outtype bf16`` then ``llama-quantize``: (convert s, quantize s, peak RSS MiB, file)."""
+def llama_cpp(model: Path, qtype: str, work: Path, threads: int,
+              imatrix: Path | None = None) -> tuple[float, float, float, Path]:
+    """``convert_hf_to_gguf.py --outtype bf16`` then ``llama-quantize`` (with ``--imatrix`` when given):
+    (convert s, quantize s, peak RSS MiB, file)."""
     env = {"PYTHONPATH": os.pathsep.join([str(LLAMA_SRC), str(LLAMA_SRC / "gguf-py")]),
            "LD_LIBRARY_PATH": str(LLAMA_BIN)}
     bf16 = work / "llama-bf16.gguf"
     c_s, c_rss = measure([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
                           "--outfile", str(bf16)], env=env)
     out = work / f"llama-{qtype}.gguf"
-    q_s, q_rss = measure([str(LLAMA_BIN / "llama-quantize"), str(bf16), str(out), qtype.upper(), str(threads)],
-                         env=env)
+    extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    q_s, q_rss = measure([str(LLAMA_BIN / "llama-quantize"), *extra, str(bf16), str(out), qtype.upper(),
+                          str(threads)], env=env)
     bf16.unlink()
     return c_s, q_s, max(c_rss, q_rss), out
 
@@ -161,7 +185,7 @@ def compare_tensors(a: Path, b: Path) -> tuple[int, int, list[str]]:
     return len(ta), len(ta) - len([n for n in diff if n in ta]), diff
 
 
-def profile_run(model: Path, qtype: str, out: Path, device: str) -> str:
+def profile_run(model: Path, qtype: str, out: Path, device: str, imatrix: Path | None = None) -> str:
     """One in-process export with the pipeline's stage timers; returns their table."""
     from quantforge.exporters.gguf import pipeline
     from quantforge.exporters.gguf.writer import export_gguf
@@ -169,7 +193,7 @@ def profile_run(model: Path, qtype: str, out: Path, device: str) -> str:
     stats = pipeline.Stats()
     t0 = time.perf_counter()
     with pipeline.collect(stats):
-        export_gguf(model, out, qtype=qtype, force=True, device=device)
+        export_gguf(model, out, qtype=qtype, force=True, device=device, imatrix=imatrix)
     wall = time.perf_counter() - t0
     return stats.table(wall)
 
@@ -184,7 +208,10 @@ def main() -> None:
     ap.add_argument("--llama", default="", help="mixes to run through llama.cpp's two steps as the anchor")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", nargs="?", const="", default=None,
+                    help="stage timers of an in-process run: of the first type, or of each type listed")
+    ap.add_argument("--imatrix", type=Path, default=None,
+                    help=f"importance matrix (imatrix.gguf of `quantforge calibrate`) for {', '.join(IMATRIX_MIXES)}")
     ap.add_argument("--check", action="store_true",
                     help="first check on a small checkpoint that the pipelined file equals the serial and CPU files")
     ap.add_argument("--anchor-s", type=float, default=139.0,
@@ -207,26 +234,31 @@ def main() -> None:
     print(f"checkpoint {model}: {gb:.2f} GB in {len(shards)} shards ({time.perf_counter() - t0:.1f} s to build/check)",
           flush=True)
     rows, outputs = [], {}
-    for qtype in [t for t in args.types.split(",") if t]:
+    types = [t for t in args.types.split(",") if t]
+    for qtype in types:
+        imatrix_for(qtype, args.imatrix)
+    for qtype in types:
         out = work / f"ours-{qtype}.gguf"
+        imat = imatrix_for(qtype, args.imatrix)
         how = drop_page_cache(shards)
-        cold, cold_rss = ours(model, qtype, out, args.device)
+        cold, cold_rss = ours(model, qtype, out, args.device, imatrix=imat)
         warm_page_cache(shards)
-        warm, warm_rss = ours(model, qtype, out, args.device)
+        warm, warm_rss = ours(model, qtype, out, args.device, imatrix=imat)
         outputs[qtype] = out
         rows.append([qtype, args.device, f"cold ({how})", cold, cold_rss, out.stat().st_size / 1e9])
         rows.append([qtype, args.device, "warm", warm, warm_rss, out.stat().st_size / 1e9])
         print(table(["type", "device", "page cache", "s", "peak RSS MiB", "file GB"], rows[-2:]), flush=True)
-    if args.profile:
-        first = [t for t in args.types.split(",") if t][0]
-        warm_page_cache(shards)
-        print(f"\npipelined export, {first}, warm page cache, in-process")
-        print(profile_run(model, first, work / "profile.gguf", args.device), flush=True)
-        (work / "profile.gguf").unlink(missing_ok=True)
+    if args.profile is not None:
+        for qtype in [t for t in args.profile.split(",") if t] or types[:1]:
+            warm_page_cache(shards)
+            print(f"\npipelined export, {qtype}, warm page cache, in-process")
+            print(profile_run(model, qtype, work / "profile.gguf", args.device, imatrix_for(qtype, args.imatrix)),
+                  flush=True)
+            (work / "profile.gguf").unlink(missing_ok=True)
     for qtype in [t for t in args.cpu_types.split(",") if t]:
         warm_page_cache(shards)
         out = work / f"ours-cpu-{qtype}.gguf"
-        s, rss = ours(model, qtype, out, "cpu")
+        s, rss = ours(model, qtype, out, "cpu", imatrix=imatrix_for(qtype, args.imatrix))
         same = qtype in outputs and out.read_bytes() == outputs[qtype].read_bytes()
         rows.append([qtype, f"cpu ({os.cpu_count()} cores)", "warm", s, rss, out.stat().st_size / 1e9])
         print(f"cpu {qtype}: {s:.1f} s, RSS {rss:.0f} MiB, same bytes as {args.device}: {same}", flush=True)
@@ -234,7 +266,7 @@ def main() -> None:
     anchor_rows = []
     for qtype in [t for t in args.llama.split(",") if t]:
         warm_page_cache(shards)
-        c_s, q_s, rss, theirs = llama_cpp(model, qtype, work, args.threads)
+        c_s, q_s, rss, theirs = llama_cpp(model, qtype, work, args.threads, imatrix_for(qtype, args.imatrix))
         n, same, diff = compare_tensors(outputs[qtype], theirs) if qtype in outputs else (0, 0, ["(no ours)"])
         ours_warm = next(r[3] for r in rows if r[0] == qtype and r[2] == "warm" and r[1] == args.device)
         anchor_rows.append([qtype, c_s, q_s, c_s + q_s, rss, ours_warm, (c_s + q_s) / ours_warm, f"{same}/{n}",

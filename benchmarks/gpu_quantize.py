@@ -1,5 +1,5 @@
 """GPU: quantize a Llama-3.1-8B-shaped model (random bf16 weights made on the GPU, 32 layers) to q4_k_m and write
-the GGUF to disk, end to end; plus per-format kernel throughput in GB/s of input weights (issue 3).
+the GGUF to disk, end to end; plus per-format kernel throughput in GB/s of input weights.
 
     python benchmarks/gpu_quantize.py --out /tmp/l8b-q4_k_m.gguf [--tokenizer DIR] [--types q4_k,q6_k,...]
 

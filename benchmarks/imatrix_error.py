@@ -1,5 +1,5 @@
 """Imatrix-weighted quantization error per type: quantforge (``export_gguf --imatrix``) vs llama.cpp's
-``llama-quantize --imatrix`` (built from the vendored llama.cpp in .bench/), same imatrix, same tensors (issue 3).
+``llama-quantize --imatrix`` (built from the vendored llama.cpp in .bench/), same imatrix, same tensors.
 
     python benchmarks/imatrix_error.py [--variant dithered] [--chunks 16] [--record]
 
@@ -89,7 +89,7 @@ def main() -> None:
              "named type are compared); goal: mean ratio <= 1.01.")
     print(body)
     if args.record:
-        record("Imatrix-weighted error vs llama-quantize --imatrix (issue 3)",
+        record("Imatrix-weighted error vs llama-quantize --imatrix",
                f"python benchmarks/imatrix_error.py --variant {args.variant} --chunks {args.chunks} --record",
                device_line(), body)
 

@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The GPU-machine side of the merge benchmarks, in two invocations on one machine (what travels to it is capped at
-# 64 MiB a call, and SmolLM2's GGUF alone is 98 MB, so it comes in two halves; run 2 right after run 1, while the
-# machine is still held):
+# The GPU-machine side of the merge benchmarks.
+#
+#   bash benchmarks/merge_device.sh 8b  the whole 8B comparison in one invocation (about 6 minutes): build
+#                                       llama-quantize there from a trimmed llama.cpp source (in the background,
+#                                       timed on its own); install gguf and quantforge; build the 8B-shaped
+#                                       checkpoint and adapter; then, timed, `quantforge merge` (q4_k_m, cuda), PEFT
+#                                       merge + save, convert_hf_to_gguf.py, llama-quantize (16 threads), with
+#                                       the merge's pipeline stage timers from one more (untimed) run; then
+#                                       check that the GPU's row-chunk merge writes the bytes of the tensor-by-tensor
+#                                       merge on a small model; prints the table. Carry t1, t2 and t4. Steps that
+#                                       would end after MB_BUDGET_S (default 580) seconds are skipped; a build
+#                                       that takes over MB_BUILD_S (300) is stopped and t2's llama-quantize used.
+#   bash benchmarks/merge_device.sh pack (here) make t4: llama.cpp's sources that llama-quantize needs, from
+#                                       .bench/llama.cpp-src (benchmarks/build_llama_cpp.sh fetches it), with a
+#                                       CMake project that builds that one target
+#
+# The older two-invocation form (what travels to the machine is capped at 64 MiB a call, and SmolLM2's GGUF alone
+# is 98 MB, so it comes in two halves; run 2 right after run 1, while the machine is still held):
 #   bash benchmarks/merge_device.sh 1   stash the GGUF's first half; install gguf and quantforge; build the
 #                                       8B-shaped checkpoint and adapter; run the steps of merge_export_gpu.py named
 #                                       in MB_STEPS (default: all four; empty: none) that start before MB_BUDGET_S
@@ -13,8 +28,10 @@
 # Inputs under .bench/mb (git-ignored; carry a + t1 with run 1, adding t2 for the llama.cpp steps; b + t3 with run
 # 2, adding t2 with MB_STEPS2): a/part_a, b/part_b,
 # b/gguf.sha256, b/dolly_train.jsonl.xz (Dolly records 1-4700; 4701-5000 are held out for merge_base.py),
-# t1/ (gguf wheel, SmolLM2 tokenizer), t2/ (llama.cpp's converter, llama-quantize and its libraries, x86-64),
-# t3/ (datasets, dill, multiprocess wheels: the trainer reads JSONL through datasets).
+# t1/ (gguf wheel, SmolLM2 tokenizer), t2/ (llama.cpp's converter, llama-quantize and its libraries, x86-64, built
+# here with GGML_NATIVE=ON: the 8b mode uses them only where the build there fails and they run),
+# t3/ (datasets, dill, multiprocess wheels: the trainer reads JSONL through datasets), t4/ (llama-quantize's
+# sources, 1.5 MB).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 MB=.bench/mb
@@ -29,6 +46,88 @@ llama() {
     --threads 16 --qf "$(qf)" "$@"
 }
 
+pack_quantize_src() {
+  local dst=/tmp/lq-pack
+  local other_backends="blas|cann|cuda|et|hexagon|hip|metal|musa|opencl|openvino|rpc|sycl|virtgpu"
+  other_backends="$other_backends|vulkan|webgpu|zdnn|zendnn"
+  rm -rf $dst && mkdir -p $dst/llama.cpp $MB/t4
+  # the llama library, ggml with its CPU backend, llama-common and its vendored libraries, the quantize tool; the
+  # header-only libraries nothing of these includes (miniaudio, stb) keep only their CMake files
+  (cd .bench/llama.cpp-src && tar -cf - CMakeLists.txt LICENSE cmake include src common licenses tools/quantize \
+    vendor/CMakeLists.txt vendor/cpp-httplib vendor/hash vendor/nlohmann vendor/miniaudio/CMakeLists.txt \
+    vendor/sheredom vendor/stb/CMakeLists.txt ggml/CMakeLists.txt ggml/cmake ggml/include \
+    $(ls -d ggml/src/* | grep -v -E "ggml-($other_backends)\$")) \
+    | tar -xf - -C $dst/llama.cpp
+  cat > $dst/CMakeLists.txt <<'CMAKE'
+# llama.cpp as a subproject, with llama-quantize its only tool
+cmake_minimum_required(VERSION 3.14)
+project(llama_quantize_only C CXX)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(LLAMA_BUILD_COMMON ON CACHE BOOL "" FORCE)
+foreach(part TESTS TOOLS EXAMPLES SERVER APP)
+  set(LLAMA_BUILD_${part} OFF CACHE BOOL "" FORCE)
+endforeach()
+add_subdirectory(llama.cpp)
+add_subdirectory(llama.cpp/tools/quantize)
+CMAKE
+  tar -cJf $MB/t4/llama-quantize-src.tar.xz -C $dst .
+  rm -rf $dst
+  du -h $MB/t4/llama-quantize-src.tar.xz
+}
+
+build_quantize() {  # on the GPU machine: llama-quantize into /tmp/lq/build/bin; prints the build's wall seconds
+  rm -rf /tmp/lq && mkdir -p /tmp/lq && tar -xJf $MB/t4/llama-quantize-src.tar.xz -C /tmp/lq
+  local t0 jobs
+  t0=$(date +%s.%N)
+  jobs=$(nproc)
+  cmake -S /tmp/lq -B /tmp/lq/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CCACHE=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON >"$OUT/llama-build.log" 2>&1 \
+    && timeout "${MB_BUILD_S:-300}" ninja -C /tmp/lq/build -j "$jobs" llama-quantize >>"$OUT/llama-build.log" 2>&1 \
+    || return 1
+  python3 -c "import time; print(f'{time.time() - $t0:.1f}')"
+}
+
+if [ "$1" = pack ]; then
+  pack_quantize_src
+  exit 0
+fi
+
+if [ "$1" = 8b ]; then
+  mkdir -p "$OUT"
+  START=$(date +%s)
+  STOP=$(( START + ${MB_BUDGET_S:-580} ))
+  say "$(df -h /tmp | tail -1)"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cores"
+  (build_quantize >/tmp/lq-seconds 2>/dev/null || echo failed >/tmp/lq-seconds) &
+  BUILD=$!
+  python3 -m pip install -q --no-index --no-deps $MB/t1/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 &
+  PIP=$!
+  mkdir -p /tmp/tok /tmp/llama && tar -xJf $MB/t1/tok.tar.xz -C /tmp/tok && tar -xJf $MB/t2/llama-py.tar.xz -C /tmp/llama
+  python3 benchmarks/merge_export_gpu.py --dir $W --tokenizer /tmp/tok --build-only 2>&1 | tee "$OUT/gpu.log"
+  wait $PIP || { tail -20 "$OUT/pip.log"; exit 5; }
+  say "installed: $(qf)"
+  wait $BUILD || true
+  SECS=$(cat /tmp/lq-seconds)
+  BIN=/tmp/lq/build/bin
+  if [ "$SECS" = failed ] || [ ! -x $BIN/llama-quantize ]; then
+    say "llama-quantize build failed here:"; tail -15 "$OUT/llama-build.log"
+    tar -xJf $MB/t2/llama-bin.tar.xz -C /tmp/llama
+    BIN=/tmp/llama
+    NOTE="llama-quantize: the build here failed; the one built on the CPU machine (GGML_NATIVE there) was used"
+  else
+    NOTE="llama-quantize built here from llama.cpp's sources in ${SECS} s wall (cmake + ninja, $(nproc) jobs,"
+    NOTE="$NOTE beside the checkpoint build; not part of any timed step)"
+  fi
+  say "$NOTE"
+  python3 benchmarks/merge_export_gpu.py --dir $W --tokenizer /tmp/tok --llama-src /tmp/llama --llama-bin $BIN \
+    --threads 16 --qf "$(qf)" --steps ours,peft,convert,quantize --stop-at $STOP --profile --check --note "$NOTE" 2>&1 \
+    | tee -a "$OUT/gpu.log"
+  say "total $(( $(date +%s) - START )) s"
+  exit 0
+fi
+
 if [ "$1" = 0 ]; then
   G=$(.venv/bin/python -c "from quantforge.fixtures import smollm2_gguf; print(smollm2_gguf())")
   D=$(.venv/bin/python -c "from quantforge.evals.data import data_file; print(data_file('dolly/dolly_5k.jsonl'))")
@@ -41,6 +140,7 @@ if [ "$1" = 0 ]; then
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 -d $MB/t3 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   tar -cJf $MB/t1/tok.tar.xz -C .bench/qlora/smollm2 .
+  pack_quantize_src
   (cd .bench/llama.cpp-src && tar -cJf ../mb/t2/llama-py.tar.xz convert_hf_to_gguf.py conversion gguf-py)
   (cd .bench/llama-build/bin && tar -cJf ../../mb/t2/llama-bin.tar.xz llama-quantize libllama-quantize-impl.so \
     libllama.so* libggml*.so* libllama-common.so*)

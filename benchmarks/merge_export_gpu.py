@@ -9,10 +9,18 @@ Reference: PEFT ``merge_and_unload`` on the GPU + ``save_pretrained`` (bf16), ll
 and B) are made first and not timed; both sides read the checkpoint from a warm page cache.
 
     python benchmarks/merge_export_gpu.py --dir /tmp/merge8b --tokenizer .bench/qlora/smollm2 \\
-        --llama-src .bench/llama.cpp-src --llama-bin .bench/llama-build/bin [--steps ours,peft,convert,quantize]
+        --llama-src .bench/llama.cpp-src --llama-bin .bench/llama-build/bin [--steps ours,peft,convert,quantize] \\
+        [--check]
+
+On the GPU machine ``bash benchmarks/merge_device.sh 8b`` runs it all in one invocation. ``--check`` then verifies
+(untimed, on a small model of the same family) that the GPU merge, which adds the delta row chunk by row chunk
+inside the export pipeline, writes the bytes of the tensor-by-tensor merge. A step that fails is reported and the
+table printed all the same. ``--profile`` prints the export pipeline's stage timers of one more (untimed) merge
+run in this process, right after the timed one.
 
 Each step's numbers are kept in ``DIR/steps.json``, so the steps can run in separate invocations on one machine
-(the table then says so); ``--stop-at UNIX_TIME`` skips the steps that would start after it. Intermediate files
+(the table then says so); ``--stop-at UNIX_TIME`` skips the steps that would end after it (by
+:data:`EXPECTED_S`). Intermediate files
 are deleted as soon as the next step no longer needs them (the machine's disk holds two 16 GB copies at most).
 """
 
@@ -35,6 +43,8 @@ STEPS = ("ours", "peft", "convert", "quantize")
 LABELS = {"ours": "quantforge merge -> q4_k_m", "peft": "  PEFT merge_and_unload + save bf16",
           "convert": "  convert_hf_to_gguf.py bf16", "quantize": "  llama-quantize Q4_K_M"}
 RANK, ALPHA = 16, 32
+EXPECTED_S = {"ours": 45, "peft": 70, "convert": 110, "quantize": 80, "check": 60, "profile": 40}
+"""Seconds a step may take on an H200 machine (page-cache warm-up included), for ``--stop-at``."""
 
 
 def emit(*parts: object, **kw: object) -> None:
@@ -109,6 +119,66 @@ def step(name: str, ckpt: Path, adapter: Path, work: Path, args: argparse.Namesp
     return wall, rss, facts
 
 
+def check_row_merge(work: Path, tokenizer: Path, args: argparse.Namespace) -> str:
+    """Write one small merged model three ways on the GPU: the ``merge`` command (row-chunk merge in the export
+    pipeline's encoder), the same with small row chunks (tensors split unevenly), and the merged source read
+    tensor by tensor (every target merged whole, then cut into rows); returns a line saying whether the files
+    are identical."""
+    import hashlib
+
+    from quantforge.exporters.gguf.writer import write_gguf
+
+    from quantforge.merged_source import MergedSource
+
+    class TensorByTensor(MergedSource):
+        read_rows = None
+        finish_rows = None
+
+    cfg = {**LLAMA_8B, "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 49152}
+    ckpt = build_checkpoint(work / "check-ckpt", cfg, tokenizer, shards=1, device=args.device)
+    adapter = write_adapter(ckpt, work / "check-adapter", args.device)
+    files = {"merge command": work / "check-cli.gguf", "row chunks of 1M weights": work / "check-rows.gguf",
+             "tensor by tensor": work / "check-whole.gguf"}
+    run([*args.qf, "merge", str(ckpt), str(adapter), "--format", "gguf", "--type", "q4_k_m", "--device", args.device,
+         "-o", str(files["merge command"]), "--force", "--quiet"])
+    for cls, key, chunk in ((MergedSource, "row chunks of 1M weights", 1 << 20),
+                            (TensorByTensor, "tensor by tensor", None)):
+        src = cls.open_merged(ckpt, adapter, device=args.device)
+        try:
+            write_gguf(src, files[key], qtype="q4_k_m", force=True, device=args.device, chunk_elems=chunk)
+        finally:
+            src.close()
+    digests = {k: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for k, f in files.items()}
+    same = len(set(digests.values())) == 1
+    return (f"row-chunk merge check ({args.device}, 2-layer model of hidden 1024, q4_k_m): "
+            f"{'identical files' if same else 'FILES DIFFER'} ({', '.join(f'{k} {v}' for k, v in digests.items())})")
+
+
+def profile_merge(ckpt: Path, adapter: Path, work: Path, device: str) -> str:
+    """The merge once more, in this process, with the export pipeline's stage timers (untimed as a step)."""
+    import torch
+    from quantforge.exporters.gguf import pipeline
+    from quantforge.exporters.gguf.writer import write_gguf
+
+    from quantforge.merged_source import MergedSource
+
+    stats = pipeline.Stats()
+    out = work / "profile.gguf"
+    t0 = time.perf_counter()
+    src = MergedSource.open_merged(ckpt, adapter, device=device)
+    try:
+        with pipeline.collect(stats):
+            write_gguf(src, out, qtype="q4_k_m", force=True, device=device)
+    finally:
+        src.close()
+    wall = time.perf_counter() - t0
+    out.unlink()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return "in-process merge with stage timers (after the timed run):\n" + stats.table(wall)
+
+
 def table(done: dict) -> str:
     lines = ["| path | wall s | peak RSS MiB | output |", "|---|---:|---:|---|"]
     for name in STEPS:
@@ -144,12 +214,16 @@ def main() -> None:
     ap.add_argument("--llama-bin", default=LLAMA_BIN, type=Path)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", default=",".join(STEPS))
-    ap.add_argument("--stop-at", type=float, default=None, help="skip steps that would start after this UNIX time")
+    ap.add_argument("--stop-at", type=float, default=None,
+                    help="skip steps that would end after this UNIX time (by their EXPECTED_S)")
     ap.add_argument("--qf", default=f"{sys.executable} -m quantforge.cli.main",
                     help="how the quantforge command is started (a user's console script: 'quantforge')")
     ap.add_argument("--build-only", action="store_true", help="make the checkpoint and adapter, time nothing")
     ap.add_argument("--device", default="cuda", help="where the checkpoint is made, quantforge merges and PEFT merges")
     ap.add_argument("--layers", type=int, default=LLAMA_8B["num_hidden_layers"], help="fewer for a smoke test")
+    ap.add_argument("--check", action="store_true", help="after the steps: the row-chunk merge's bytes (untimed)")
+    ap.add_argument("--note", default=None, help="a line printed under the table (how llama-quantize was built)")
+    ap.add_argument("--profile", action="store_true", help="after 'ours': its pipeline stage timers (untimed)")
     args = ap.parse_args()
     args.qf = args.qf.split()
     args.llama_src, args.llama_bin = args.llama_src.resolve(), args.llama_bin.resolve()
@@ -170,15 +244,24 @@ def main() -> None:
     done = json.loads(state_file.read_text()) if state_file.is_file() else {}
     run_id = time.strftime("%H:%M:%S")
     for name in [s for s in args.steps.split(",") if s]:
-        if args.stop_at is not None and time.time() > args.stop_at:
-            emit(f"{name}: skipped (past --stop-at)")
+        if args.stop_at is not None and time.time() + EXPECTED_S[name] > args.stop_at:
+            emit(f"{name}: skipped (would end past --stop-at)")
             continue
         if name in ("ours", "peft"):
             warm_page_cache(shards)
-        wall, rss, facts = step(name, ckpt, work / "adapter", work, args)
+        try:
+            wall, rss, facts = step(name, ckpt, work / "adapter", work, args)
+        except SystemExit as exc:  # a failed step is reported; the table of the others still prints
+            emit(f"{name}: FAILED: {exc}")
+            continue
         done[name] = {"wall": wall, "rss": rss, "facts": facts, "run": run_id}
         state_file.write_text(json.dumps(done, indent=1))
         emit(f"{name}: {wall:.2f} s, peak RSS {rss:.0f} MiB, {facts}")
+        if name == "ours" and args.profile:
+            if args.stop_at is not None and time.time() + EXPECTED_S["profile"] > args.stop_at:
+                emit("profile: skipped (would end past --stop-at)")
+            else:
+                emit(profile_merge(ckpt, work / "adapter", work, args.device))
         if name == "peft":
             shutil.rmtree(ckpt)  # the reference path needs only the merged copy from here on
     emit()
@@ -187,6 +270,13 @@ def main() -> None:
          f"adapter on all seven projections; {gpu}, {os.cpu_count()} cores, llama-quantize "
          f"{args.threads} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     emit(table(done))
+    if args.note:
+        emit(f"\n{args.note}")
+    if args.check:
+        if args.stop_at is not None and time.time() + EXPECTED_S["check"] > args.stop_at:
+            emit("row-chunk merge check: skipped (would end past --stop-at)")
+        else:
+            emit(check_row_merge(work, args.tokenizer, args))
 
 
 if __name__ == "__main__":

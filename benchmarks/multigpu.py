@@ -1,4 +1,4 @@
-"""Multi-GPU scaling (issue 8): calibration and q4_k_m quantization of a Llama-3.1-8B-shaped random model on one
+"""Multi-GPU scaling: calibration and q4_k_m quantization of a Llama-3.1-8B-shaped random model on one
 GPU vs two, with torch.distributed (NCCL). Goal: >= 1.8x on two GPUs.
 
     torchrun --standalone --nproc_per_node 2 benchmarks/multigpu.py [--out-dir /tmp/mgpu] [--layers 32] [--record]
@@ -253,7 +253,7 @@ def main() -> None:
         print(text)
         if args.record and not args.cpu_smoke:
             cmd = f"torchrun --standalone --nproc_per_node 2 benchmarks/multigpu.py --layers {args.layers}"
-            record("Multi-GPU scaling (issue 8)", cmd, f"2 x {name}, {os.cpu_count()} CPU cores", text)
+            record("Multi-GPU scaling", cmd, f"2 x {name}, {os.cpu_count()} CPU cores", text)
     group.barrier()
     torch.distributed.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Planner quality (issue 4): our dynamic GGUF plans vs llama.cpp's mixes at the same file size, and a Dynamic
+"""Planner quality: our dynamic GGUF plans vs llama.cpp's mixes at the same file size, and a Dynamic
 4-bit bnb plan vs uniform NF4, on the dithered SmolLM2.
 
     python benchmarks/planner_quality.py [--record] [--work DIR] [--apply ours|llama] [--eval-chunks 8]
@@ -375,7 +375,7 @@ def main() -> int:
     print(body)
     if args.record:
         cmd = "python benchmarks/planner_quality.py " + " ".join(sys.argv[1:])
-        record("Planner quality (issue 4)", cmd.strip(), device_line(), body)
+        record("Planner quality", cmd.strip(), device_line(), body)
     return 0
 
 

@@ -10,6 +10,14 @@ Usage (on the GPU machine)::
 
     python benchmarks/qlora.py --assets .bench/qlora --workdir /tmp/qlora [--layers 32] [--skip-reference]
 
+``--gguf`` adds the trainer on the GGUF layout of the q4_k_m plan (``base_type: q4_k_m``: Q4_K for most
+projections, Q6_K for the attn_v / ffn_down tensors llama.cpp's mix promotes, quantized on the GPU by the loader
+as ``quantforge train --base-format gguf --plan`` does) against its NF4 path on the same checkpoint, steps, batches
+and rank; the GGUF comparison alone::
+
+    python -P benchmarks/qlora.py --assets .bench/qlora --workdir /tmp/qlora --skip-curve --skip-speed --gguf \
+        --batches 1 8 --gguf-profile 8
+
 Prints tables (tokens/s, peak GiB, ratios) and writes them to ``--json`` if given.
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
 import sys
 import time
@@ -90,10 +99,13 @@ def peak_gib() -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- ours
-def ours_load(path: Path, fmt: str = "nf4"):
+def ours_load(path: Path, fmt: str = "nf4", plan: Path | None = None):
+    """The trainer's own loader: ``fmt`` uniform (NF4 double-quantized by default), or a gguf ``plan`` applied in
+    memory on the GPU (``fmt="gguf"``), as ``quantforge train --base-format gguf --plan`` does."""
     from quantforge.train import LoraSpec, load_model
 
-    return load_model(path, lora=LoraSpec(rank=16, alpha=16.0), base_format=fmt, device="cuda", dtype="bf16")
+    return load_model(path, lora=LoraSpec(rank=16, alpha=16.0), base_format=fmt, plan=plan, device="cuda",
+                      dtype="bf16")
 
 
 def ours_run(model, examples, batch_tokens: int, steps: int, warmup: int = 1):
@@ -208,9 +220,9 @@ def dolly_examples(assets: Path, tok, limit: int):
     return [e for e in out if e is not None and len(e) <= 2048]
 
 
-def profile_step(model, batch: int, vocab: int) -> None:
-    """One profiled optimizer step at ``SEQ x batch`` (after a warm-up step): the CUDA kernels by total time, and
-    how much of the step's wall time the GPU was busy."""
+def profiled_step(model, batch: int, vocab: int) -> tuple[float, list]:
+    """One profiled optimizer step at ``SEQ x batch`` (after a warm-up step): its wall seconds and the CUDA kernels'
+    profiler averages."""
     from torch.profiler import ProfilerActivity, profile
 
     from quantforge.train.config import TrainConfig
@@ -227,7 +239,14 @@ def profile_step(model, batch: int, vocab: int) -> None:
         tr.step(1)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    del tr
+    return wall, [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def profile_step(model, batch: int, vocab: int) -> None:
+    """One profiled optimizer step at ``SEQ x batch`` (after a warm-up step): the CUDA kernels by total time, and
+    how much of the step's wall time the GPU was busy."""
+    wall, events = profiled_step(model, batch, vocab)
     busy = sum(e.self_device_time_total for e in events) / 1e6
     log(f"\nprofile {SEQ} x {batch}: step {wall * 1e3:.0f} ms wall, GPU kernels {busy * 1e3:.0f} ms "
         f"({busy / wall:.0%} of the step)")
@@ -235,7 +254,6 @@ def profile_step(model, batch: int, vocab: int) -> None:
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
         log(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.1f} | "
             f"{e.self_device_time_total / 1e6 / busy:.1%} |")
-    del tr
 
 
 def speed(args, path: Path, tok, results: dict) -> None:
@@ -303,6 +321,173 @@ def speed(args, path: Path, tok, results: dict) -> None:
     results.update({"fixed": rows, "long": long_rows, **({"variable": var_row} if var_row else {})})
 
 
+# ------------------------------------------------------------------------------------- GGUF layout vs NF4
+Q4_K_M_PLAN = "version: 1\ntarget: gguf\nbase_type: q4_k_m\n"
+#: Kernel groups of the per-kernel timing: (substring of the CUDA kernel name, group), first match wins.
+KERNEL_GROUPS = (("blocks_kernel", "dequantize"), ("dequant_kernel", "dequantize"), ("nvjet", "GEMM (cuBLAS)"),
+                 ("gemm", "GEMM (cuBLAS)"), ("flash", "attention"), ("Memcpy", "offload copies"))
+
+
+def kernel_group(name: str) -> str:
+    return next((g for key, g in KERNEL_GROUPS if key in name), "other")
+
+
+def held_types(model) -> dict[str, int]:
+    """Projection count per held format."""
+    counts: dict[str, int] = {}
+    for m in model.lora_modules().values():
+        counts[m.base.fmt] = counts.get(m.base.fmt, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def check_bases(model) -> list[str]:
+    """For the first projection of each held format: the trainer's transient base copy (the whole-tensor Triton
+    dequantize on the GPU) equals the codec's dequantize of the same bytes on the CPU, bit for bit."""
+    from quantforge.kernels.lora_linear import _dequant
+
+    seen, out = set(), []
+    for name, m in model.lora_modules().items():
+        if m.base.fmt in seen:
+            continue
+        seen.add(m.base.fmt)
+        gpu = _dequant(m.base, torch.bfloat16).cpu()
+        cpu = m.base.to("cpu").dequantize(torch.float32).to(torch.bfloat16)
+        out.append(f"{m.base.fmt} ({name.split('.', 2)[-1]}): {'equal' if torch.equal(gpu, cpu) else 'DIFFERENT'}")
+    return out
+
+
+def dequant_speed(rows: int = 14336, cols: int = 4096) -> list[dict]:
+    """Standalone whole-tensor dequantize of one ``rows x cols`` weight to bf16 per format (``do_bench`` median)."""
+    from triton.testing import do_bench
+
+    from quantforge.kernels import tiles
+    from quantforge.kernels.qweight import QuantWeight
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = torch.randn(rows, cols, generator=g, device="cuda") * 0.02
+    out = []
+    for fmt in ("nf4", "q4_k", "q6_k"):
+        q = QuantWeight.quantize(w, fmt)
+        buf = torch.empty(rows, cols, dtype=torch.bfloat16, device="cuda")
+        ms = do_bench(lambda: tiles.dequantize(q.format, q.data, torch.bfloat16, aux=q.extra.get("aux"),
+                                               double_quant=q.double_quant, out=buf), warmup=20, rep=100,
+                      return_mode="median")
+        moved = q.nbytes + buf.numel() * buf.element_size()
+        out.append({"format": fmt + (" (double-quantized)" if q.double_quant else ""), "us": ms * 1e3,
+                    "tbs": moved / ms / 1e9})
+    return out
+
+
+def fused_speed(m: int = 16, rows: int = 14336, cols: int = 4096, rank: int = 16) -> list[dict]:
+    """The fused dequantize + LoRA forward (the few-token path of ``lora_linear``, autotuned as a user's first call
+    tunes it) per format at ``m`` tokens on one ``rows x cols`` projection (``do_bench`` median)."""
+    from triton.testing import do_bench
+
+    from quantforge.kernels.lora_linear import fused_backward_dx, fused_forward
+    from quantforge.kernels.qweight import QuantWeight
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    w = torch.randn(rows, cols, generator=g, device="cuda") * 0.02
+    x = torch.randn(m, cols, generator=g, device="cuda").to(torch.bfloat16)
+    a = (torch.randn(rank, cols, generator=g, device="cuda") * 0.01).to(torch.bfloat16)
+    b = (torch.randn(rows, rank, generator=g, device="cuda") * 0.01).to(torch.bfloat16)
+    out = []
+    for fmt in ("nf4", "q4_k", "q6_k"):
+        q = QuantWeight.quantize(w, fmt)
+        y, _ = fused_forward(x, None, q, a, b, None, 1.0)
+        ref = x.float() @ q.dequantize(torch.float32).t() + (x.float() @ a.float().t()) @ b.float().t()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        ms = do_bench(lambda: fused_forward(x, None, q, a, b, None, 1.0), warmup=20, rep=100, return_mode="median")
+        dy = torch.randn(m, rows, generator=g, device="cuda").to(torch.bfloat16)
+        dx, _ = fused_backward_dx(dy, q, a, b, 1.0, True)
+        ref_dx = dy.float() @ q.dequantize(torch.float32) + (dy.float() @ b.float()) @ a.float()
+        out.append({"format": fmt, "us": ms * 1e3, "rel_err": err,
+                    "dx_rel_err": ((dx.float() - ref_dx).norm() / ref_dx.norm()).item()})
+    return out
+
+
+def gguf_vs_nf4(args, path: Path, work: Path, results: dict) -> None:
+    """The trainer on the q4_k_m plan's GGUF layout against its NF4 path, same checkpoint, steps, batches, sequence
+    length and rank: tokens/s and peak memory per arm, one profiled step per arm (time per kernel group and per
+    dequantize kernel), and the standalone dequantize speed of the formats involved."""
+    vocab = LLAMA8B["vocab_size"]
+    plan = work / "q4_k_m.plan.yaml"
+    plan.write_text(Q4_K_M_PLAN)
+    arms = {"nf4": ("NF4 (double-quantized)", {"fmt": "nf4"}),
+            "gguf": ("q4_k_m plan (GGUF layout)", {"fmt": "gguf", "plan": plan})}
+    res: dict = {"arms": {}}
+    results["gguf"] = res
+    for key, (label, kw) in arms.items():
+        reset_peak()
+        t0 = time.perf_counter()
+        model = ours_load(path, **kw)
+        torch.cuda.synchronize()
+        arm = {"label": label, "load_s": time.perf_counter() - t0, "held_gib": torch.cuda.memory_allocated() / 2**30,
+               "types": held_types(model), "checks": check_bases(model), "runs": {}}
+        res["arms"][key] = arm
+        log(f"{label}: loaded in {arm['load_s']:.1f}s, {arm['held_gib']:.2f} GiB, projections {arm['types']}; "
+            f"base copies vs codec: {', '.join(arm['checks'])}")
+        for b in args.batches:
+            tps, pk, losses = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ, args.steps)
+            if not all(map(math.isfinite, losses)):
+                raise SystemExit(f"{label} {SEQ}x{b}: non-finite loss {losses}")
+            arm["runs"][b] = {"tps": tps, "gib": pk, "losses": losses}
+            log(f"{label} {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB, losses {[round(x, 4) for x in losses]}")
+        if args.gguf_profile:
+            wall, events = profiled_step(model, args.gguf_profile, vocab)
+            groups: dict[str, float] = {}
+            for e in events:
+                g = kernel_group(e.key)
+                groups[g] = groups.get(g, 0.0) + e.self_device_time_total / 1e3
+            arm["profile"] = {"batch": args.gguf_profile, "wall_ms": wall * 1e3, "groups": groups,
+                              "dequant": [(e.key, e.count, e.self_device_time_total / 1e3) for e in events
+                                          if kernel_group(e.key) == "dequantize"]}
+            log(f"{label} profile {SEQ}x{args.gguf_profile}: {wall * 1e3:.0f} ms wall, "
+                + ", ".join(f"{g} {ms:.1f} ms" for g, ms in sorted(groups.items(), key=lambda kv: -kv[1])))
+        del model
+        reset_peak()
+    res["dequant"] = dequant_speed()
+    res["fused"] = fused_speed()
+
+
+def print_gguf(res: dict) -> None:
+    arms = res["arms"]
+    nf4, gg = arms.get("nf4"), arms.get("gguf")
+    for arm in arms.values():
+        log(f"\n{arm['label']}: projections held {arm['types']}; base copies vs the codec's dequantize: "
+            f"{', '.join(arm['checks'])}; loaded in {arm['load_s']:.1f} s ({arm['held_gib']:.2f} GiB held)")
+
+    def cell(arm, b):
+        r = (arm or {}).get("runs", {}).get(b)
+        return f"{r['tps']:,.0f} @ {r['gib']:.1f}" if r else "-"
+
+    log("\n| case | NF4 tok/s @ peak GiB | q4_k_m plan tok/s @ peak GiB | speed (q4_k_m / NF4) | memory (q4_k_m / NF4) |")
+    log("|---|---|---|---|---|")
+    for b in (nf4 or {}).get("runs", {}):
+        a, g = nf4["runs"][b], (gg or {}).get("runs", {}).get(b)
+        ratios = f"{g['tps'] / a['tps']:.3f} | {g['gib'] / a['gib']:.3f}" if g else "- | -"
+        log(f"| {SEQ} x {b} | {cell(nf4, b)} | {cell(gg, b)} | {ratios} |")
+    if nf4 and gg and "profile" in nf4 and "profile" in gg:
+        p, q = nf4["profile"], gg["profile"]
+        log(f"\nprofiled step {SEQ} x {p['batch']} (GPU ms per kernel group; wall {p['wall_ms']:.0f} vs "
+            f"{q['wall_ms']:.0f} ms)")
+        log("| kernel group | NF4 ms | q4_k_m plan ms | difference ms |\n|---|---|---|---|")
+        for grp in sorted(set(p["groups"]) | set(q["groups"]), key=lambda k: -p["groups"].get(k, 0.0)):
+            a, c = p["groups"].get(grp, 0.0), q["groups"].get(grp, 0.0)
+            log(f"| {grp} | {a:.1f} | {c:.1f} | {c - a:+.1f} |")
+        log("\n| dequantize kernel | arm | calls | ms |\n|---|---|---|---|")
+        for arm_name, prof in (("NF4", p), ("q4_k_m", q)):
+            for name, calls, ms in prof["dequant"]:
+                log(f"| {name[:60]} | {arm_name} | {calls} | {ms:.1f} |")
+    log("\n| dequantize 14336x4096 -> bf16 | us | TB/s (packed + bf16) |\n|---|---|---|")
+    for r in res.get("dequant", []):
+        log(f"| {r['format']} | {r['us']:.1f} | {r['tbs']:.2f} |")
+    log("\n| fused kernels, 16 tokens, 14336x4096, r=16 | forward us | forward rel. error | backward dx rel. error |"
+        "\n|---|---|---|---|")
+    for r in res.get("fused", []):
+        log(f"| {r['format']} | {r['us']:.1f} | {r['rel_err']:.1e} | {r['dx_rel_err']:.1e} |")
+
+
 def loss_curve(args, assets: Path, work: Path, results: dict) -> None:
     """50 steps on SmolLM2 (``--curve-model``, the bf16 checkpoint) or, without it, on the SmolLM2 shape with random
     weights: same initial adapter, data order and hyper-parameters; per-step losses."""
@@ -359,9 +544,11 @@ def _ratio(a, b):
 
 
 def print_tables(res: dict) -> None:
-    log("\n| case | HF+PEFT+bnb tok/s @ GiB | quantforge tok/s @ GiB | speed | memory |")
-    log("|---|---|---|---|---|")
-    for r in res.get("fixed", []) + ([res["variable"]] if "variable" in res else []):
+    speed_rows = res.get("fixed", []) + ([res["variable"]] if "variable" in res else [])
+    if speed_rows:
+        log("\n| case | HF+PEFT+bnb tok/s @ GiB | quantforge tok/s @ GiB | speed | memory |")
+        log("|---|---|---|---|---|")
+    for r in speed_rows:
         ref = f"{r['ref_tps']:,.0f} @ {r['ref_gib']:.1f}" if r.get("ref_tps") else "-"
         log(f"| {r['case']} | {ref} | {r['ours_tps']:,.0f} @ {r['ours_gib']:.1f} | "
             f"{_ratio(r['ours_tps'], r.get('ref_tps'))} | {_ratio(r['ours_gib'], r.get('ref_gib'))} |")
@@ -371,6 +558,8 @@ def print_tables(res: dict) -> None:
         for r in res["long"]:
             cell = f"{r['ours_tps']:,.0f} @ {r['ours_gib']:.1f}" if r["ours_tps"] else "out of memory"
             log(f"| {r['tokens']:,} | {cell} |")
+    if "gguf" in res:
+        print_gguf(res["gguf"])
     if "curve" in res:
         c = res["curve"]
         log(f"\nloss curve ({len(c['ours'])} steps): max |ours - ref| / ref = {c['max_rel_diff']:.4%}")
@@ -398,20 +587,32 @@ def main() -> int:
     ap.add_argument("--only-long", action="store_true", help="run only the --long sequences (no reference)")
     ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
                     help="profile one step at 2048 x BATCH first and print where the GPU time goes")
+    ap.add_argument("--gguf", action="store_true",
+                    help="also train on the q4_k_m plan's GGUF layout against NF4 (same --batches and --steps)")
+    ap.add_argument("--gguf-profile", type=int, default=0, metavar="BATCH",
+                    help="with --gguf: profile one step at 2048 x BATCH per arm (time per kernel group)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     assets, work = Path(args.assets), Path(args.workdir)
-    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, python {sys.version.split()[0]}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     results: dict = {}
     if not args.skip_curve:
         loss_curve(args, assets, work, results)
-    if not args.skip_speed:
+    if not args.skip_speed or args.gguf:
         t0 = time.perf_counter()
         path = write_model(work / "llama8b-shape", {**LLAMA8B, "num_hidden_layers": args.layers}, assets)
         log(f"wrote the {args.layers}-layer 8B-shaped checkpoint in {time.perf_counter() - t0:.1f}s")
-        speed(args, path, AutoTokenizer.from_pretrained(path), results)
+        if not args.skip_speed:
+            speed(args, path, AutoTokenizer.from_pretrained(path), results)
+        if args.gguf:
+            try:
+                gguf_vs_nf4(args, path, work, results)
+            except Exception:  # print what was measured before the failure, then the traceback
+                print_tables(results)
+                raise
     print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

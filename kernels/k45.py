@@ -20,6 +20,8 @@ round-half-even through ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for the code 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +37,21 @@ BLOCK_S = 32
 if HAVE_TRITON:
 
     @triton.jit
-    def _rne(v):
-        """Round half to even (ggml's ``nearest_int``) for |v| < 2**22."""
+    def rne(v):
+        """Round half to even (ggml's ``nearest_int``) for |v| < 2**22; larger values stay beyond any code range
+        (so a clamp afterwards gives the reference's code). Shared by the Q6_K and Q8_0 kernels."""
         return (v + 12582912.0) - 12582912.0
 
     @triton.jit
+    def store_f16(ptr, v, mask):
+        """Store float32 ``v`` as little-endian fp16 bytes (round to nearest even) at ``ptr``, ``ptr + 1``."""
+        b = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(ptr, (b & 255).to(tl.uint8), mask=mask)
+        tl.store(ptr + 1, ((b >> 8) & 255).to(tl.uint8), mask=mask)
+
+    @triton.jit
     def _codes(x, m, isc, NMAX: tl.constexpr):
-        return tl.minimum(tl.maximum(_rne((x - m) * isc), 0.0), NMAX)
+        return tl.minimum(tl.maximum(rne((x - m) * isc), 0.0), NMAX)
 
     @triton.jit
     def _q45_kernel(x_ptr, out_ptr, cand_ptr, S, NMAX: tl.constexpr, NSTEP: tl.constexpr, FIVE: tl.constexpr,
@@ -125,19 +135,15 @@ if HAVE_TRITON:
         one = tl.zeros([BLOCK_S], dtype=tl.float32) + 1.0
         inv_s = tl.where(max_scale > 0, tl.math.div_rn(one * 63.0, tl.where(max_scale > 0, max_scale, 1.0)), 0.0)
         inv_m = tl.where(max_min > 0, tl.math.div_rn(one * 63.0, tl.where(max_min > 0, max_min, 1.0)), 0.0)
-        ls = tl.minimum(_rne(scale * inv_s[:, None]).to(tl.int32) & 255, 63)
-        lm = tl.minimum(_rne(the_min * inv_m[:, None]).to(tl.int32) & 255, 63)
+        ls = tl.minimum(rne(scale * inv_s[:, None]).to(tl.int32) & 255, 63)
+        lm = tl.minimum(rne(the_min * inv_m[:, None]).to(tl.int32) & 255, 63)
         d16 = tl.math.div_rn(max_scale, one * 63.0).to(tl.float16)
         m16 = tl.math.div_rn(max_min, one * 63.0).to(tl.float16)
         dj = d16.to(tl.float32)[:, None] * ls.to(tl.float32)
         mj = m16.to(tl.float32)[:, None] * lm.to(tl.float32)
         out = out_ptr + sb.to(tl.int64) * TYPE_SIZE
-        db = d16.to(tl.int16, bitcast=True).to(tl.int32)
-        mb = m16.to(tl.int16, bitcast=True).to(tl.int32)
-        tl.store(out + 0, (db & 255).to(tl.uint8), mask=ok)
-        tl.store(out + 1, ((db >> 8) & 255).to(tl.uint8), mask=ok)
-        tl.store(out + 2, (mb & 255).to(tl.uint8), mask=ok)
-        tl.store(out + 3, ((mb >> 8) & 255).to(tl.uint8), mask=ok)
+        store_f16(out, d16.to(tl.float32), ok)
+        store_f16(out + 2, m16.to(tl.float32), ok)
         for c in tl.static_range(4):
             s_lo = tl.sum(tl.where(j[None, :] == c, ls, 0), axis=1)
             s_hi = tl.sum(tl.where(j[None, :] == c + 4, ls, 0), axis=1)
@@ -154,13 +160,34 @@ if HAVE_TRITON:
             xi = tl.load(base + i, mask=mask, other=0.0)
             L = _codes(xi, best_base, best_iscale, NMAX)
             L = tl.where(flat, 0.0, L)
-            new = tl.minimum(tl.maximum(_rne(tl.math.div_rn(xi + mj, tl.where(dj != 0, dj, 1.0))), 0.0), NMAX)
+            new = tl.minimum(tl.maximum(rne(tl.math.div_rn(xi + mj, tl.where(dj != 0, dj, 1.0))), 0.0), NMAX)
             q = tl.where(dj != 0, new, L).to(tl.int32)
             if FIVE:
                 tl.store(out + 16 + i, tl.sum((q >> 4) << j[None, :], axis=1).to(tl.uint8), mask=ok)
                 q = q & 15
             packed = tl.sum(tl.reshape(q << shift[None, :], [BLOCK_S, 4, 2]), axis=2)
             tl.store(out[:, None] + QS + 32 * pair[None, :] + i, packed.to(tl.uint8), mask=ok[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A float32 table on ``device``, made once: a fresh host-to-device copy per launch would make the launching
+    thread wait for the device's queue to drain (a pageable copy synchronizes the stream)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def triton_io(weight: torch.Tensor, fmt: QuantFormat,
+              check: Callable[[torch.Tensor], object]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The common start of a Triton quantize launch: ``weight`` ``(rows, n)`` as contiguous float32, the uint8
+    output ``(rows, n/block*type_size)`` and the number of blocks. ``check(first_row)`` is the reference codec on
+    one row, called only to raise its error for a row length that is not a whole number of blocks."""
+    check_launchable(weight.device.type)
+    if weight.dim() != 2 or weight.shape[1] % fmt.block_size:
+        check(weight[:1])
+    x = weight.to(torch.float32).contiguous()
+    out = torch.empty((x.shape[0], x.shape[1] // fmt.block_size * fmt.type_size), dtype=torch.uint8,
+                      device=x.device)
+    return x, out, x.numel() // fmt.block_size
 
 
 @dataclass(frozen=True)
@@ -198,25 +225,24 @@ class K45Codec:
     def quantize_triton(self, weight: torch.Tensor) -> torch.Tensor:
         """The no-imatrix quantization of :meth:`quantize` as one Triton kernel (CUDA, or CPU under
         ``TRITON_INTERPRET=1``): ``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, the reference's bytes."""
-        check_launchable(weight.device.type)
         fmt = self.fmt
-        x = weight.to(torch.float32).reshape(weight.shape[0], -1)
-        if x.shape[1] % fmt.block_size:
-            quantize_rows(x[:1], None, fmt, self._encode)  # raises the codec's shape error
-        x = x.contiguous()
-        S = x.numel() // fmt.block_size
-        out = torch.empty((x.shape[0], x.shape[1] // fmt.block_size * fmt.type_size), dtype=torch.uint8,
-                          device=x.device)
+        x, out, S = triton_io(weight, fmt, lambda r: quantize_rows(r, None, fmt, self._encode))
         if S == 0:
             return out
-        rmin, rdelta, nstep = self.ref_search
+        nstep = self.ref_search[2]
         nmax = 31 if self.five_bit else 15
-        cand = torch.tensor([f32(f32(f32(rmin) + f32(f32(rdelta) * k)) + nmax) for k in range(nstep + 1)],
-                            dtype=torch.float32, device=x.device)
+        cand = self._candidates(x.device)
         grid = (triton.cdiv(S, BLOCK_S),)
         _q45_kernel[grid](x, out, cand, S, NMAX=nmax, NSTEP=nstep, FIVE=self.five_bit, TYPE_SIZE=fmt.type_size,
                           BLOCK_S=BLOCK_S, num_warps=4, enable_fp_fusion=False)
         return out
+
+    def _candidates(self, device: torch.device) -> torch.Tensor:
+        """The search's code ranges ``rmin + rdelta * k + nmax`` (float32), on ``device``."""
+        rmin, rdelta, nstep = self.ref_search
+        nmax = 31 if self.five_bit else 15
+        return device_constant(tuple(f32(f32(f32(rmin) + f32(f32(rdelta) * k)) + nmax) for k in range(nstep + 1)),
+                               device)
 
     def dequantize(self, data: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(rows, nbytes)`` uint8 -> ``(rows, n)`` (reference)."""

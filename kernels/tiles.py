@@ -15,6 +15,9 @@ argument and is generic over the format::
 * ``stride``: int64 distance between rows, in bytes (elements for the float formats).
 * ``mask``: bool, the tile shape; masked-off elements read nothing and come back as 0.
 
+``src`` must be 16-byte aligned (``QuantWeight`` keeps its storage so): the Q4_K/Q5_K tiles read each block's 16
+header bytes as two 64-bit words.
+
 The tile is exactly the codec's ``dequantize`` in float32 wherever the calling kernel is compiled with
 ``enable_fp_fusion=False`` (``d * q - m`` rounds twice, as in the PyTorch references). Any (row, col) tile works:
 tiles may straddle rows and quantization blocks; each element reads its own block header (cached loads).
@@ -170,16 +173,39 @@ if HAVE_TRITON:
         return sc, m
 
     @triton.jit
+    def _u64(src, off, mask):
+        """The int64 at byte offsets ``off`` (a multiple of 8)."""
+        return tl.load((src + off).to(tl.pointer_type(tl.int64)), mask=mask, other=0)
+
+    @triton.jit
+    def _half(bits):
+        """The fp16 in the low 16 bits of int32 ``bits`` -> float32."""
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
     def _k45(src, row, col, stride, mask, TS: tl.constexpr, FIVE_BIT: tl.constexpr):
-        """Q4_K/Q5_K: ``d, dmin, scales[12], [qh[32]], qs[128]``; ``y = d * sc_j * q - dmin * m_j``."""
+        """Q4_K/Q5_K: ``d, dmin, scales[12], [qh[32]], qs[128]``; ``y = d * sc_j * q - dmin * m_j``.
+
+        The 16 header bytes come in as two 64-bit words (``d, dmin, scales[0:4]`` and ``scales[4:12]``; blocks
+        start at multiples of 16 bytes), so an element issues three loads instead of six; sub-block ``j``'s 6-bit
+        scale and min are then cut from bytes ``j % 4`` (low six bits, or the top two), ``j + 4`` and ``j`` as in
+        :func:`_scale_min_k4`."""
         base, e = _block(row, col, stride, 256, TS)
         j = e // 32
-        sc, m = _scale_min_k4(src, base + 4, j, mask)
+        sh = (j & 3) * 8
+        h0 = _u64(src, base, mask)
+        h1 = _u64(src, base + 8, mask)
+        s47 = h1.to(tl.int32)
+        lo = ((h0 >> 32).to(tl.int32) >> sh) & 255
+        hi = (tl.where(j < 4, s47, (h1 >> 32).to(tl.int32)) >> sh) & 255
+        sc = tl.where(j < 4, lo & 63, (hi & 15) | ((lo >> 6) << 4))
+        m = tl.where(j < 4, hi & 63, (hi >> 4) | ((((s47 >> sh) & 255) >> 6) << 4))
         q = (_u8(src, base + 16 + 32 * FIVE_BIT + (e // 64) * 32 + e % 32, mask) >> ((j % 2) * 4)) & 15
         if FIVE_BIT:
             q = q | (((_u8(src, base + 16 + e % 32, mask) >> j) & 1) << 4)
-        d = _f16(src, base, mask)
-        dmin = _f16(src, base + 2, mask)
+        head = h0.to(tl.int32)
+        d = _half(head)
+        dmin = _half(head >> 16)
         return (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * m.to(tl.float32)
 
     @triton.jit

@@ -12,6 +12,14 @@ bitsandbytes' double quantization) and dequantized. With ``base_gguf`` (a GGUF f
 ``quantforge train --base-gguf`` / ``--base-format gguf --plan`` trained on it) every tensor the file holds comes
 from it instead, dequantized exactly (Q/K rows back in HF order, Gemma norms minus one): the merge starts from the
 very weights the adapter was trained on, and a 16-bit export of it is the trained model itself.
+
+The GGUF writer's pipeline reads through two more methods, so a merge on a GPU costs little more than a plain
+export: :meth:`MergedSource.read_rows` (reader threads) hands over the checkpoint's own row bytes wherever
+:meth:`MergedSource.finish_rows` (encoder, on its device) can merge them there, row chunk by row chunk: the 16-bit
+base of ``base="original"`` on a GPU (``row_merge``), where the Triton merge's value of each weight does not depend
+on the chunk. A merge onto a quantized or GGUF base (whose codec needs the whole tensor) and a merge on the CPU
+(whose BLAS sums depend on the chunk's row count) are done tensor by tensor on ``device`` and stay there. Either way
+each weight gets the value :meth:`MergedSource.get` gives it, and no float32 copy of the model exists.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +49,20 @@ class MergedSource(ModelSource):
     double_quant: bool = True
     device: str = "cpu"
     base_gguf: str | None = None
+    row_merge: bool | None = None
+    """Merge the 16-bit base row chunk by row chunk on the encoding device (:meth:`finish_rows`); ``None``: on a
+    GPU ``device``."""
     _gguf: dict[str, Any] | None = field(default=None, repr=False)
+    _factors: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _factor_lock: Any = field(default_factory=threading.Lock, repr=False)
     _cache: OrderedDict[str, Any] = field(default_factory=OrderedDict, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open_merged(cls, model: str | os.PathLike[str], adapter: str | os.PathLike[str] | LoraAdapter,
                     base: str = "original", base_format: str = "nf4", double_quant: bool = True,
-                    device: str = "cpu", base_gguf: str | os.PathLike[str] | None = None) -> MergedSource:
+                    device: str = "cpu", base_gguf: str | os.PathLike[str] | None = None,
+                    row_merge: bool | None = None) -> MergedSource:
         """Open ``model``, load ``adapter`` and check that every adapter module fits the checkpoint (and, with
         ``base_gguf``, that the GGUF holds this model's tensors)."""
         from .formats import get_format
@@ -65,7 +80,7 @@ class MergedSource(ModelSource):
         lora.check_base(src.tensors)
         out = cls(path=src.path, config=src.config, tensors=src.tensors, adapter=lora, base=base,
                   base_format=base_format, double_quant=double_quant, device=device,
-                  base_gguf=None if base_gguf is None else str(base_gguf))
+                  base_gguf=None if base_gguf is None else str(base_gguf), row_merge=row_merge)
         if base_gguf is not None:
             out._gguf_tensors()
         return out
@@ -124,10 +139,62 @@ class MergedSource(ModelSource):
                 return w if rows is None else w[rows[0]:rows[1]]
             return super().get(name, rows)
         merged = self._merged(name)
-        return merged if rows is None else merged[rows[0]:rows[1]]
+        return (merged if rows is None else merged[rows[0]:rows[1]]).cpu()
+
+    def _checkpoint_rows(self, name: str) -> bool:
+        """Whether tensor ``name`` is the checkpoint's own (or is merged from it by :meth:`finish_rows`)."""
+        lora = self.adapter
+        if lora is not None and name in lora.replacements:
+            return False
+        if self.base_gguf is not None and name in self._gguf_tensors():
+            return False
+        if lora is None or name not in lora.modules:
+            return True
+        row_merge = str(self.device).startswith("cuda") if self.row_merge is None else self.row_merge
+        return self.base == "original" and row_merge
+
+    def read_rows(self, name: str, rows: tuple[int, int] | None, checkpoint: Callable[[], Any]) -> Any:
+        """What an exporter's reader hands its encoder for rows ``rows`` of ``name`` (``None``: all of a 1-D
+        tensor): ``checkpoint()`` (the rows as stored, read by the exporter) where the tensor is the checkpoint's or
+        :meth:`finish_rows` merges it, else the merged rows in float32 on ``device`` or another tensor's rows."""
+        if self._checkpoint_rows(name):
+            return checkpoint()
+        if self.adapter is not None and name in self.adapter.modules:
+            merged = self._merged(name)
+            return merged if rows is None else merged[rows[0]:rows[1]]
+        return self.get(name, rows)
+
+    def finish_rows(self, name: str, raw: Any, start: int, stop: int, device: str) -> Any:
+        """Rows ``[start, stop)`` of ``name`` from :meth:`read_rows`, on ``device``: merged there (float32) when
+        ``read_rows`` handed over the 16-bit base rows of a LoRA target, else ``raw`` as it is."""
+        import torch
+
+        from .kernels.merge import merge_weight
+
+        lora = self.adapter
+        if lora is None or name not in lora.modules or not self._checkpoint_rows(name):
+            return raw
+        qw = _float_weight(raw.to(device, non_blocking=True))
+        a, b = self._device_factors(name, qw.data.device)
+        return merge_weight(qw, a, b[start:stop], lora.modules[name].scale, torch.float32)
+
+    def _device_factors(self, name: str, device: Any) -> tuple[Any, Any]:
+        """The module's ``(A, B)`` in float32 on ``device``. Every module's factors go there at the first call, in
+        one go: a copy from pageable memory waits for the device, which the encoder must not do per tensor."""
+        import torch
+
+        key = str(device)
+        with self._factor_lock:
+            factors = self._factors.get(key)
+            if factors is None:
+                factors = self._factors[key] = {
+                    n: tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in m.linear_factors())
+                    for n, m in self.adapter.modules.items()}
+        return factors[name]
 
     def _merged(self, name: str) -> Any:
-        """The whole merged tensor in float32 (the last few are kept: row chunks of one tensor arrive in turn)."""
+        """The whole merged tensor in float32 on ``device`` (the last few are kept: row chunks of one tensor arrive
+        in turn)."""
         with self._lock:
             hit = self._cache.get(name)
             if hit is not None:
@@ -153,7 +220,16 @@ class MergedSource(ModelSource):
         if self.base == "quantized" and self.base_gguf is None:
             qw = QuantWeight.quantize(w.to(torch.float32), self.base_format, double_quant=self.double_quant)
         else:
-            fmt = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(w.dtype, "f32")
-            qw = QuantWeight(fmt, w if fmt != "f32" else w.to(torch.float32), (int(w.shape[0]), int(w.shape[1])))
+            qw = _float_weight(w)
         a, b = mod.linear_factors()
-        return merge_weight(qw, a.to(self.device), b.to(self.device), mod.scale, torch.float32).cpu()
+        return merge_weight(qw, a.to(self.device), b.to(self.device), mod.scale, torch.float32)
+
+
+def _float_weight(w: Any) -> Any:
+    """A 16/32-bit weight as the merge kernel reads it (its own dtype, or float32 for any other float)."""
+    import torch
+
+    from .kernels.qweight import QuantWeight
+
+    fmt = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(w.dtype, "f32")
+    return QuantWeight(fmt, w if fmt != "f32" else w.to(torch.float32), (int(w.shape[0]), int(w.shape[1])))

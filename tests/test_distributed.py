@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
+from helpers.spawn import run_ranks
 
 from quantforge import distributed
 from quantforge.errors import CorruptCheckpoint, InputError
@@ -52,12 +49,6 @@ src.close()
 json.dump(codes, open(cfg["out"] + f"/rank{group.rank}.json", "w"))
 torch.distributed.destroy_process_group()
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cal_args() -> list[str]:
@@ -193,25 +184,7 @@ def runs(tmp_path_factory, smollm2_dir, data_dir):
     two.mkdir()
     cfg = {"model": str(model), "nan_model": str(nan_model), "data": str(data), "cal": str(two / "cal"),
            "cal_args": cal_args(), "imatrix": str(imatrix), "out": str(two)}
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "PYTHONSAFEPATH": "1",
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cfg)], env=env, cwd=root,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    logs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append((p.returncode, out, err))
-    for rank, (rc, _, err) in enumerate(logs):
-        assert rc == 0, f"rank {rank} exited {rc}:\n{err[-3000:]}"
+    logs = run_ranks(WORKER, cfg, root)
     codes = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
     return one, two, codes, logs
 

@@ -81,7 +81,9 @@ class EncodedTensor:
 
         For a plain tensor of a :class:`ModelSource` and a file-descriptor opener ``fd``, the bytes are read
         with one ``preadv`` straight into a new buffer, page-locked when ``pin`` (so that a copy to a GPU can
-        run without waiting); other sources go through their ``get``."""
+        run without waiting); other sources go through their ``get``, or their ``read_rows(name, rows,
+        checkpoint)`` where they have one (``checkpoint()`` reads the rows as stored, as above; their
+        ``finish_rows(name, raw, start, stop, device)`` then completes the rows in :meth:`prepare`)."""
         job = self.job
         if job.hf_name is None:
             return archmod.extra_tensor(job.gguf_name, self.src.text_config).reshape(1, -1)
@@ -90,6 +92,10 @@ class EncodedTensor:
         rows = (start, stop) if len(job.shape) > 1 else None
         if fd is not None and type(self.src).get is ModelSource.get:
             return _pread_rows(self.src, job.hf_name, rows, pin, fd)
+        read_rows = getattr(self.src, "read_rows", None)  # a source that reads (part of) its tensors itself
+        if read_rows is not None:
+            return read_rows(job.hf_name, rows, lambda: _pread_rows(self.src, job.hf_name, rows, pin, fd)
+                             if fd is not None else ModelSource.get(self.src, job.hf_name, rows))
         return self.src.get(job.hf_name, rows=rows) if rows else self.src.get(job.hf_name)
 
     def prepare(self, raw: Any, start: int, stop: int, device: str | None = None, check: bool = True) -> Any:
@@ -101,6 +107,9 @@ class EncodedTensor:
 
         job = self.job
         device = device or self.device
+        finish_rows = getattr(self.src, "finish_rows", None)  # the device half of a source's read_rows
+        if finish_rows is not None and job.hf_name is not None and not job.segments:
+            raw = finish_rows(job.hf_name, raw, start, stop, device)
         if job.hf_name is None:
             t, bad = raw.to(device), 0
         elif device == "cpu" and raw.device.type == "cpu":

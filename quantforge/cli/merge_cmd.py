@@ -1,7 +1,9 @@
 """``quantforge merge MODEL ADAPTER_DIR -o OUT``: merge a PEFT LoRA adapter into its base and write one artifact.
 
 The base checkpoint is read through :class:`~quantforge.merged_source.MergedSource`, so the GGUF, bitsandbytes
-and 16-bit exporters write the merged model tensor by tensor, as ``quantize`` writes a plain one.
+and 16-bit exporters write the merged model tensor by tensor, as ``quantize`` writes a plain one. With
+``--format gguf --device cuda`` the merge runs inside the GGUF export pipeline: its readers read the 16-bit base
+rows, the GPU adds the LoRA delta to each row chunk and quantizes it, as ``quantize`` does with a plain chunk.
 """
 
 from __future__ import annotations

@@ -10,15 +10,13 @@ two worker processes (``WORKER``) in one process group, then one-process resumes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from quantforge.train import TrainConfig
 from quantforge.train.distributed import Parallel
 from quantforge.train.packing import Schedule, rank_batches
+from helpers.spawn import run_ranks
 
 from quantforge.distributed import Group
 from quantforge.errors import InputError
@@ -62,14 +60,6 @@ def _records(n):
              "output": f"The number {i}, and {i % 7} more, makes {i + i % 7}."} for i in range(n)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _adapter(folder):
     from safetensors.torch import load_file
 
@@ -101,27 +91,9 @@ def runs(tiny_chat_model, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch references, here and in the workers
             results = {"one": one("one")}
-            port = _free_port()
             job = {"model": str(tiny_chat_model), "data": str(data), "out": str(root), "args": CLI_ARGS,
                    "config": CONFIG, "ref": str(root / "one" / "checkpoints" / "step-0000003")}
-            procs = []
-            for rank in range(2):
-                env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-                       "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "PYTHONSAFEPATH": "1",
-                       "OMP_NUM_THREADS": "1"}
-                procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(job)], env=env, cwd=root,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-            logs = []
-            for p in procs:
-                try:
-                    out, err = p.communicate(timeout=300)
-                except subprocess.TimeoutExpired:
-                    for q in procs:
-                        q.kill()
-                    raise
-                logs.append((p.returncode, out, err))
-            for rank, (rc, _, err) in enumerate(logs):
-                assert rc == 0, f"rank {rank} exited {rc}:\n{err[-4000:]}"
+            logs = run_ranks(WORKER, job, root)
             for name in ("ddp", "fsdp"):
                 results[f"{name}-on-one"] = one(f"{name}-on-one", resume=root / name / "checkpoints" / "step-0000003")
     finally:
