@@ -5,17 +5,21 @@
 
 Tensors: the 30 ``mlp.down_proj`` weights of SmolLM2-135M-Instruct (plain fixture; 576 x 1536 each, the only
 SmolLM2 tensors whose rows are a multiple of 256), float32, with a log-normal imatrix (one per tensor, fixed
-seed). Ours: ``QuantFormat.quantize`` (the C kernels of ``kernels/_cquant.c``, rows split over 2 threads).
+seed). Ours: ``QuantFormat.quantize`` (the C kernels of ``kernels/_cquant.c``; 2 threads take rows from a shared
+counter).
 llama.cpp: ``ggml_quantize_chunk`` from llama-cpp-python's ``libggml-base``, rows split over 2 Python threads
 (ctypes releases the GIL). The one-time table set-up of both sides (``ggml_quantize_init``; our lattice tables)
 runs before timing. Every run checks that both sides give identical bytes. The table gives the minimum over
-alternating repeats (the machine is shared); the goal is a ratio ours / llama.cpp <= 0.5.
+alternating repeats (the machine is shared: the load average before and after the run is printed, and "ours cores
+busy" is our process CPU time over wall time, 2.0 when both threads ran all along); the goal is a ratio
+ours / llama.cpp <= 0.5.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,16 +67,18 @@ def main() -> None:
     ims = [torch.exp(2 * torch.randn(t.shape[1], generator=g)) for t in tensors]
     n_weights = sum(t.numel() for t in tensors)
     rows, notes = [], []
+    load_before = os.getloadavg()
     with ThreadPoolExecutor(2) as pool:
         for name in args.types.split(","):
             fmt = get_format(name)
             fmt.quantize(tensors[0][:2], ims[0])  # table set-up of both sides, outside the timings
             ggml_quantize(tensors[0][:2].numpy(), fmt.ggml_type, ims[0].numpy())
-            ours_t, ggml_t, same = [], [], True
+            ours_t, ours_cpu, ggml_t, same = [], [], [], True
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 ours = [fmt.quantize(t, im) for t, im in zip(tensors, ims, strict=True)]
-                t1 = time.perf_counter()
+                c1, t1 = time.process_time(), time.perf_counter()
+                ours_cpu.append(c1 - c0)
                 theirs = [ggml_two_threads(t.numpy(), fmt.ggml_type, im.numpy(), pool)
                           for t, im in zip(tensors, ims, strict=True)]
                 t2 = time.perf_counter()
@@ -80,14 +86,18 @@ def main() -> None:
                 ggml_t.append(t2 - t1)
                 same &= all(np.array_equal(a.numpy(), b) for a, b in zip(ours, theirs, strict=True))
             o, ref = min(ours_t), min(ggml_t)
-            rows.append([name, o, ref, o / ref, n_weights / o / 1e6, "yes" if same else "NO"])
+            busy = ours_cpu[ours_t.index(o)] / o
+            rows.append([name, o, ref, o / ref, n_weights / o / 1e6, busy, "yes" if same else "NO"])
             notes.append(f"- {name}: ours {', '.join(f'{v:.2f}' for v in ours_t)} s; "
                          f"llama.cpp {', '.join(f'{v:.2f}' for v in ggml_t)} s")
+    load_after = os.getloadavg()
+    loads = " / ".join(f"{a:.2f}, {b:.2f}, {c:.2f}" for a, b, c in (load_before, load_after))
     body = (f"SmolLM2-135M-Instruct, the 30 `mlp.down_proj` tensors (576 x 1536, {n_weights / 1e6:.1f} M weights), "
             f"log-normal imatrix, 2 threads each side, minimum of {args.repeats} alternating runs; "
-            f"`date`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}.\n\n"
+            f"`date`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+            f"load average (1, 5, 15 min) before / after the run: {loads}.\n\n"
             + table(["type", "ours s (min)", "llama.cpp s (min)", "ratio ours/llama.cpp", "ours M weights/s",
-                     "bytes identical"], rows) + "\n\n" + "\n".join(notes) + "\n")
+                     "ours cores busy", "bytes identical"], rows) + "\n\n" + "\n".join(notes) + "\n")
     print(body)  # noqa: T201
     if args.record:
         command = "python benchmarks/iq_quantize.py " + " ".join(sys.argv[1:])

@@ -245,18 +245,72 @@ def f16_values(h: torch.Tensor) -> torch.Tensor:
 
 
 IQ_KINDS = {"iq2_xxs": 0, "iq2_xs": 1, "iq3_xxs": 2, "iq1_s": 3, "iq1_m": 4, "iq3_s": 5, "iq2_s": 6}
-"""The lattice i-quants the C kernels encode (``qf_quantize_iq_rows``), by kind id. Their lattice tables are built
-in Python (:func:`quantforge.kernels._iq_grids.search_tables`) and handed to C."""
+"""The lattice i-quants the C kernels encode (``qf_iq_encode_rows``), by kind id. Their lattice tables are built
+in Python (:func:`quantforge.kernels._iq_grids.search_tables`, plus :func:`lane_tables`) and handed to C."""
+
+IQ_LANES = 16
+"""Neighbours per step of the C neighbour search (``IQ_LANES`` in ``_cquant.c``)."""
+
+_LANE_TABLES: dict[int, tuple] = {}
+_LANE_LOCK = threading.Lock()
+
+
+def _build_lane_tables(t) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`lane_tables`."""
+    dim, bits = t.dim, t.bits
+    base = 3 if dim == 8 else 8  # levels per position the searches round to (kmax of every kind of this dim)
+    nb = t.neighbours
+    rows, width = nb.shape
+    levels = ((t.coords - 1.0) * 0.5).to(torch.int64)
+    if int(levels.max()) >= base or bits * dim > 16 or t.coords.shape[0] > 1 << 16:
+        raise RuntimeError(f"lattice tables of dim {dim} do not fit the C search's 16-bit point words")
+    words = (levels << (bits * torch.arange(dim))).sum(dim=1)
+    cnt = (nb >= 0).sum(dim=1)
+    chunks = -(-width // IQ_LANES)
+    ids = torch.zeros((rows, chunks * IQ_LANES), dtype=torch.int64)
+    ids[:, :width] = nb.clamp(min=0)
+    steps = torch.stack([words[ids], ids], dim=1).reshape(rows, 2, chunks, IQ_LANES).transpose(1, 2)
+    used = -(-cnt // IQ_LANES)
+    size = 1 + used * 2 * IQ_LANES
+    off = torch.cumsum(size, 0) - size
+    lanes = torch.empty(int(size.sum()), dtype=torch.int64)
+    lanes[off] = cnt
+    body = torch.ones(lanes.numel(), dtype=torch.bool)
+    body[off] = False
+    lanes[body] = steps[torch.arange(chunks)[None, :] < used[:, None]].reshape(-1)
+    digits = (torch.arange(base**dim)[:, None] // base ** torch.arange(dim)) % base
+    sparse = (digits << (bits * torch.arange(dim))).sum(dim=1)
+    point, row = t.map[sparse], t.row[sparse]
+    if not bool(((point >= 0) | (row >= 0)).all()):
+        raise RuntimeError("lattice tables lack the neighbours of a key the C search can reach")
+    code = torch.where(point >= 0, point, -(off[row.clamp(min=0)] + 1)).to(torch.int32)
+    return code.contiguous(), lanes.to(torch.int32).to(torch.int16).contiguous()
+
+
+def lane_tables(tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search tables of ``tables`` (a CPU ``SearchTables``) in the layout of the C search: ``(code, lanes)``.
+
+    ``code`` (int32): per dense key ``sum(level_i * base**i)`` (base 3 for the dim 8 lattices, 8 for the dim 4
+    ones, the levels the searches round to), the key's lattice point, or ``-(offset + 1)`` of its neighbour block
+    in ``lanes``. ``lanes`` (16-bit words): per block the neighbour count, then per :data:`IQ_LANES` neighbours
+    (in the reference's order, the last step padded with point 0) their points' level words (level ``i`` at bit
+    ``bits * i``) and their point indices. Small (under 1.5 MB) and built once per table set (tens of ms)."""
+    with _LANE_LOCK:
+        hit = _LANE_TABLES.get(id(tables))
+        if hit is None or hit[0] is not tables:
+            hit = (tables, *_build_lane_tables(tables))
+            _LANE_TABLES[id(tables)] = hit
+    return hit[1], hit[2]
 
 
 @functools.cache
 def _iq_entry():
-    """``qf_quantize_iq_rows`` typed, or None when the library is absent or was built before it existed."""
+    """``qf_iq_encode_rows`` typed, or None when the library is absent or was built before it existed."""
     lib = library()
-    fn = None if lib is None else getattr(lib, "qf_quantize_iq_rows", None)
+    fn = None if lib is None else getattr(lib, "qf_iq_encode_rows", None)
     if fn is not None:
         fn.restype = ctypes.c_int
-        fn.argtypes = (ctypes.c_int, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _I64)
+        fn.argtypes = (ctypes.c_int, _P, _I64, _P, _P, _I64, _I64, _P, _P, _P, _P, _P)
     return fn
 
 
@@ -267,21 +321,22 @@ def iq_enabled(weight: torch.Tensor) -> bool:
 
 def encode_iq(name: str, tables, x: torch.Tensor, qw: torch.Tensor | None, out: torch.Tensor) -> None:
     """Encode float32 rows ``x`` ``(rows, n)`` as i-quant ``name`` into the contiguous uint8 ``out`` (the rows'
-    super-blocks), the same bytes as the reference codec; rows are shared over the worker threads."""
+    super-blocks), the same bytes as the reference codec. The worker threads take rows one at a time from a shared
+    counter, so a thread slowed down by other work on the machine leaves its rows to the others."""
     fn = _iq_entry()
     x = _as_f32(x)
     rows, n = x.shape
     qw_ptr = None if qw is None else qw.data_ptr()
-    args = (tables.coords.data_ptr(), tables.map.data_ptr(), tables.neighbours.data_ptr(), tables.row.data_ptr(),
-            tables.neighbours.shape[1])
-
-    def run(r0: int, r1: int) -> int:
-        return fn(IQ_KINDS[name], x.data_ptr(), n, qw_ptr, out.data_ptr(), r0, r1, *args)
-
+    code, lanes = lane_tables(tables)
+    args = (tables.coords.data_ptr(), tables.map.data_ptr(), code.data_ptr(), lanes.data_ptr())
     workers = 1 if rows * n < _SEARCH_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
-    step = -(-rows // workers)
-    parts = [(r, min(rows, r + step)) for r in range(0, rows, step)]
-    futures = [_pool(len(parts) - 1).submit(run, a, b) for a, b in parts[1:]] if len(parts) > 1 else []
-    bad = [run(*parts[0])] + [f.result() for f in futures]
+    counter = ctypes.c_int64(0)
+    next_row = ctypes.addressof(counter) if workers > 1 else None
+
+    def run() -> int:
+        return fn(IQ_KINDS[name], x.data_ptr(), n, qw_ptr, out.data_ptr(), 0, rows, *args, next_row)
+
+    futures = [_pool(workers - 1).submit(run) for _ in range(workers - 1)]
+    bad = [run()] + [f.result() for f in futures]
     if any(bad):
-        raise RuntimeError(f"qf_quantize_iq_rows rejected {name} (kind {IQ_KINDS[name]})")
+        raise RuntimeError(f"qf_iq_encode_rows rejected {name} (kind {IQ_KINDS[name]})")

@@ -15,7 +15,7 @@
  *     reference's casts do there, without C's undefined behaviour; left shifts of codes are done unsigned.
  *
  * Entry points (called through ctypes, which releases the GIL): qf_quantize_rows, qf_widen_f32, qf_f16_bits,
- * qf_f16_values, qf_abi_version; qf_quantize_iq_rows (the lattice i-quants, looked up on its own by _cpu_fast so
+ * qf_f16_values, qf_abi_version; qf_iq_encode_rows (the lattice i-quants, looked up on its own by _cpu_fast so
  * that an older build without it still serves the other types). PyInit__cquant only makes the file a valid (method-less) extension module.
  */
 #define PY_SSIZE_T_CLEAN
@@ -1404,57 +1404,181 @@ void qf_f16_values(const uint16_t *h, float *out, i64 count)
 }
 
 /* ------------------------------------------------------ lattice i-quants (IQ1_S/M, IQ2_XXS/XS/S, IQ3_XXS/S)
- * The searches of kernels/_iq_common.py and the codecs iq*.py as scalar loops, one
- * block at a time: each group's float32 sums run left to right in the reference's operation order. The lattice
- * tables come from Python (kernels/_iq_grids.py SearchTables): coords (2*level+1 per point), map (point per key or
- * -1), row (neighbour row per key) and neighbours (width point indices per row, -1 padded). */
+ * The searches of kernels/_iq_common.py and the codecs iq*.py, one block at a time: each group's float32 sums run
+ * left to right in the reference's operation order. Work that is independent in the reference is batched so that
+ * the compiler vectorizes across it without reordering any one sum:
+ *   - the neighbours of an off-lattice key, IQ_LANES per step (one neighbour per lane); a neighbour's error is the
+ *     sum over positions of err_table terms, each term the reference's own weight * diff * diff for that level;
+ *   - the scale trials of a block (levels, lattice points, least-squares sums with one trial per lane), followed by
+ *     the reference's running best in trial order;
+ *   - the (i1, i2) splits of IQ1_S / IQ1_M (one split per lane): a row of splits is walked in order, with the
+ *     reference's comparison, only when some split of it beats the running best as it stands before the row.
+ * The lattice tables come from Python: coords (2*level+1 per point) and map (point per key or -1) of
+ * kernels/_iq_grids.py SearchTables, and the layout of kernels/_cpu_fast.py lane_tables: code (per dense key
+ * sum(level_i * base^i): its point, or -(offset + 1) of its neighbour block in lanes) and lanes (16-bit words per
+ * block: the neighbour count, then per IQ_LANES neighbours, in the reference's order, their points' level words and
+ * their point indices). */
 
 typedef struct {
     const float *coords;
-    const i64 *map, *neighbours, *row;
-    i64 width;
+    const i64 *map;
     int dim, bits;
+    const int32_t *code;
+    const uint16_t *lanes;
+    int base;
 } IqTables;
 
 enum { IQ_XXS2, IQ_XS2, IQ_XXS3, IQ1S, IQ1M, IQ3S, IQ2S, N_IQ };
+enum { IQ_LANES = 16, MAX_TRIALS = 32 };
 
-/* Round one group to levels nearest(0.5 * (inv * x - 1)) in 0..kmax-1; a key off the lattice moves to its neighbour
- * of least sum waux * (scale * q - x)^2 (first on ties). Writes the point's coordinates to q; returns 1 when the
- * rounded key was already a point. */
-static int iq_snap(const IqTables *t, const float *xv, const float *wa, float inv, float scale, int kmax, float *q,
-                   i64 *index)
+/* Inlined into the HOT (per-ISA) callers, so that every copy of a search is compiled for the caller's ISA. */
+#define INL static inline __attribute__((always_inline))
+
+/* Level values 2*l+1 of the IQ2 / IQ3 lattices (the coordinates of their points). */
+static const float ODD[16] = {1.0f,  3.0f,  5.0f,  7.0f,  9.0f,  11.0f, 13.0f, 15.0f,
+                               17.0f, 19.0f, 21.0f, 23.0f, 25.0f, 27.0f, 29.0f, 31.0f};
+
+/* err[l * dim + i] = wt[i] * diff * diff with diff = scale * vals[l] - x[i]: the term of position i in the weighted
+ * error of a lattice point whose level there is l, for levels 0 .. nlev-1. */
+INL void err_table(int dim, int nlev, const float *vals, const float *x, const float *wt, float scale, float *err)
 {
-    i64 key = 0;
-    for (int i = 0; i < t->dim; i++) {
-        float l = clampf(nearest(0.5f * (inv * xv[i] - 1.0f)), 0.0f, (float)(kmax - 1));
-        key |= (i64)l << (t->bits * i);
-    }
-    i64 gi = t->map[key];
-    int on = gi >= 0;
-    if (!on) {
-        const i64 *nb = t->neighbours + t->row[key] * t->width;
-        float best = INFINITY;
-        gi = nb[0];
-        for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
-            const float *pg = t->coords + nb[j] * t->dim;
-            float d2 = 0.0f;
-            for (int i = 0; i < t->dim; i++) {
-                float diff = scale * pg[i] - xv[i];
-                d2 += wa[i] * diff * diff;
-            }
-            if (d2 < best) {
-                best = d2;
-                gi = nb[j];
-            }
+    for (int l = 0; l < nlev; l++)
+        for (int i = 0; i < dim; i++) {
+            float diff = scale * vals[l] - x[i];
+            err[l * dim + i] = wt[i] * diff * diff;
         }
-    }
-    for (int i = 0; i < t->dim; i++)
-        q[i] = t->coords[gi * t->dim + i];
-    *index = gi;
-    return on;
 }
 
-static void iq_lsq(int n, const float *w, const float *xv, const float *q, float *sumqx, float *sumq2)
+/* GCC / Clang vectors of IQ_LANES lanes (one machine vector on AVX-512, split by the compiler elsewhere). Every
+ * float operation on them is the same IEEE operation per lane; vsel picks bits. */
+typedef float vf16 __attribute__((vector_size(4 * IQ_LANES)));
+typedef int32_t vi16 __attribute__((vector_size(4 * IQ_LANES)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * IQ_LANES)));
+
+#define VZERO ((vf16){0.0f})
+/* Lanes of a where mask m is set (all ones), else of b. */
+#define VSEL(m, a, b) ((vf16)(((m) & (vi16)(a)) | (~(m) & (vi16)(b))))
+
+/* The neighbour of least error (err as err_table makes it) in the neighbour block blk of an off-lattice key of a
+ * dim 8 lattice, the first on ties: the reference's loop over the neighbour list with a strict `<` from +inf (the
+ * first neighbour when none is below +inf). Levels are 0..2, at bits 2i and 2i+1 of a point's word; the lists (up to
+ * a few hundred) go IQ_LANES neighbours at a time, each lane summing ((0 + e_0) + e_1) + ... in position order. */
+INL i64 best_neighbour(const uint16_t *blk, const float *err)
+{
+    const int32_t cnt = blk[0];
+    const uint16_t *lw = blk + 1;
+    float best = INFINITY;
+    i64 gi = lw[IQ_LANES];
+    for (int32_t c = 0; c < cnt; c += IQ_LANES, lw += 2 * IQ_LANES) {
+        const int32_t m = cnt - c < IQ_LANES ? cnt - c : IQ_LANES;
+        vu16 raw;
+        memcpy(&raw, lw, sizeof raw);
+        const vi16 w = __builtin_convertvector(raw, vi16);
+        vf16 acc = VZERO;
+        for (int i = 0; i < 8; i++) {
+            const vi16 hi = (w & (2 << (2 * i))) != 0, lo = (w & (1 << (2 * i))) != 0;
+            acc += VSEL(hi, VZERO + err[16 + i], VSEL(lo, VZERO + err[8 + i], VZERO + err[i]));
+        }
+        float d2[IQ_LANES];
+        memcpy(d2, &acc, sizeof d2);
+        for (int32_t j = 0; j < m; j++) {
+            const int better = d2[j] < best; /* branch-free: the outcome is data-dependent */
+            best = better ? d2[j] : best;
+            gi = better ? lw[IQ_LANES + j] : gi;
+        }
+    }
+    return gi;
+}
+
+/* best_neighbour for a dim 4 lattice (levels 0..7 at bits 3i of a point's word; lists of a few): the terms of the
+ * error come from lane tables tab[i] (lane l: the err_table term of level l at position i), one permute each. */
+INL i64 best_neighbour4(const uint16_t *blk, const vf16 *tab)
+{
+    const int32_t cnt = blk[0];
+    const uint16_t *lw = blk + 1;
+    float best = INFINITY;
+    i64 gi = lw[IQ_LANES];
+    for (int32_t c = 0; c < cnt; c += IQ_LANES, lw += 2 * IQ_LANES) {
+        const int32_t m = cnt - c < IQ_LANES ? cnt - c : IQ_LANES;
+        vu16 raw;
+        memcpy(&raw, lw, sizeof raw);
+        const vi16 w = __builtin_convertvector(raw, vi16);
+        vf16 acc = VZERO;
+        for (int i = 0; i < 4; i++)
+            acc += __builtin_shuffle(tab[i], (w >> (3 * i)) & 7);
+        float d2[IQ_LANES];
+        memcpy(d2, &acc, sizeof d2);
+        for (int32_t j = 0; j < m; j++) {
+            const int better = d2[j] < best; /* branch-free: the outcome is data-dependent */
+            best = better ? d2[j] : best;
+            gi = better ? lw[IQ_LANES + j] : gi;
+        }
+    }
+    return gi;
+}
+
+/* The dense key of levels l_0 .. l_{dim-1} (each below base): sum of l_i * base^i, the index into code. */
+INL int32_t dense_key(int dim, int base, const float *lev)
+{
+    int32_t key = 0;
+    for (int i = dim - 1; i >= 0; i--)
+        key = key * base + (int32_t)lev[i];
+    return key;
+}
+
+/* Levels nearest(0.5 * (inv * x - 1)) clamped to 0 .. kmax-1 of n weights (as floats). */
+INL void trial_levels(int n, const float *xv, float inv, int kmax, float *lev)
+{
+    for (int i = 0; i < n; i++)
+        lev[i] = clampf(nearest(0.5f * (inv * xv[i] - 1.0f)), 0.0f, (float)(kmax - 1));
+}
+
+/* group_point for a group whose code (t->code of its key) was looked up beforehand. */
+INL i64 code_point(const IqTables *t, int dim, int nlev, const float *vals, int32_t code, const float *x,
+                   const float *wt, float scale, int *on)
+{
+    *on = code >= 0;
+    if (code >= 0)
+        return code;
+    if (dim == 4) { /* the err_table terms of levels 0..15 per position as lane tables, built in registers */
+        vf16 v, tab[4];
+        memcpy(&v, vals, sizeof v);
+        for (int i = 0; i < 4; i++) {
+            const vf16 diff = v * scale - x[i];
+            tab[i] = diff * wt[i] * diff;
+        }
+        return best_neighbour4(t->lanes + (-(i64)code - 1), tab);
+    }
+    float err[64];
+    err_table(dim, nlev, vals, x, wt, scale, err);
+    return best_neighbour(t->lanes + (-(i64)code - 1), err);
+}
+
+/* The lattice point of one group of dim weights with levels lev: the key's point, or its neighbour of least error
+ * at scale (value levels vals, nlev of them, term weights wt); *on tells whether the key was a point. */
+INL i64 group_point(const IqTables *t, int dim, int nlev, const float *vals, const float *lev, const float *x,
+                    const float *wt, float scale, int *on)
+{
+    return code_point(t, dim, nlev, vals, t->code[dense_key(dim, t->base, lev)], x, wt, scale, on);
+}
+
+/* Re-snap the groups of one block at scale (levels at 1 / scale); only those with redo[k] when redo is not NULL. */
+INL void resnap(const IqTables *t, int dim, int n, const float *xv, const float *wa, float scale, int kmax,
+                const int *redo, float *q)
+{
+    float lev[32], inv = 1.0f / scale;
+    int on;
+    trial_levels(n, xv, inv, kmax, lev);
+    for (int k = 0; k < n / dim; k++) {
+        if (redo && !redo[k])
+            continue;
+        i64 gi = group_point(t, dim, dim == 8 ? 3 : 8, ODD, lev + k * dim, xv + k * dim, wa + k * dim, scale, &on);
+        for (int i = 0; i < dim; i++)
+            q[k * dim + i] = t->coords[gi * dim + i];
+    }
+}
+
+INL void iq_lsq(int n, const float *w, const float *xv, const float *q, float *sumqx, float *sumq2)
 {
     float a = 0.0f, b = 0.0f;
     for (int i = 0; i < n; i++) {
@@ -1465,9 +1589,66 @@ static void iq_lsq(int n, const float *w, const float *xv, const float *q, float
     *sumq2 = b;
 }
 
+/* The scale trials inv[0 .. ntr-1] of one block of n weights (groups of dim): levels at inv[k], every group on the
+ * lattice at scale 1 / inv[k], the least-squares sums of all trials at once (a trial per lane, each sum in weight
+ * order), then the reference's running best in trial order (sumq2 > 0 and strictly better). *scale and *best are
+ * updated as the reference updates them; q and on get the accepted trial's coordinates and on-lattice flags (left
+ * as they are when no trial is accepted). */
+INL void scale_trials(const IqTables *t, int dim, int n, const float *xv, const float *w, const float *wa,
+                      const float *inv, int ntr, int kmax, float *scale, float *best, float *q, int *on)
+{
+    float qt[32 * MAX_TRIALS], lev[32], a[MAX_TRIALS], b[MAX_TRIALS];
+    int ont[8 * MAX_TRIALS];
+    int32_t code[8 * MAX_TRIALS];
+    const int ng = n / dim;
+    /* The keys of every trial first, and the neighbour blocks they need requested from memory, so that the
+     * searches below find them in cache. */
+    for (int k = 0; k < ntr; k++) {
+        trial_levels(n, xv, inv[k], kmax, lev);
+        for (int g = 0; g < ng; g++) {
+            const int32_t cd = t->code[dense_key(dim, t->base, lev + g * dim)];
+            code[g * MAX_TRIALS + k] = cd;
+            if (cd < 0)
+                __builtin_prefetch(t->lanes + (-(i64)cd - 1));
+        }
+    }
+    for (int k = 0; k < ntr; k++) {
+        const float sc = 1.0f / inv[k];
+        for (int g = 0; g < ng; g++) {
+            i64 gi = code_point(t, dim, dim == 8 ? 3 : 8, ODD, code[g * MAX_TRIALS + k], xv + g * dim, wa + g * dim,
+                                sc, &ont[g * MAX_TRIALS + k]);
+            for (int i = 0; i < dim; i++)
+                qt[(g * dim + i) * MAX_TRIALS + k] = t->coords[gi * dim + i];
+        }
+    }
+    for (int k = 0; k < ntr; k++)
+        a[k] = b[k] = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float wx = w[i] * xv[i], wi = w[i], *qi = qt + i * MAX_TRIALS;
+        for (int k = 0; k < ntr; k++) {
+            a[k] += wx * qi[k];
+            b[k] += wi * qi[k] * qi[k];
+        }
+    }
+    int sel = -1;
+    for (int k = 0; k < ntr; k++) {
+        if (b[k] > 0 && a[k] * a[k] > *best * b[k]) {
+            *scale = a[k] / b[k];
+            *best = *scale * a[k];
+            sel = k;
+        }
+    }
+    if (sel < 0)
+        return;
+    for (int i = 0; i < n; i++)
+        q[i] = qt[i * MAX_TRIALS + sel];
+    for (int g = 0; g < ng; g++)
+        on[g] = ont[g * MAX_TRIALS + sel];
+}
+
 /* |x| per weight and the 7 stored sign bits per group of 8 (an odd count of minus signs flips back the weight of
  * least w * x * x, the first on ties). */
-static void iq_fold(int n, const float *x, const float *w, float *xv, i64 *signs)
+INL void iq_fold(int n, const float *x, const float *w, float *xv, i64 *signs)
 {
     for (int k = 0; k < n / 8; k++) {
         int nflip = 0;
@@ -1499,9 +1680,12 @@ static void iq_fold(int n, const float *x, const float *w, float *xv, i64 *signs
     }
 }
 
+/* fminf(hi, v) for a hi that is not NaN, inlined: v when below hi, else hi (also for a NaN v). */
+INL float below(float v, float hi) { return v < hi ? v : hi; }
+
 /* make_qp_quants(n, nmax, x, (uint8_t *) L, w): the scale, with the codes stored as uint8 (kernels/_iq_common.py
  * qp_scale). */
-static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
+INL float iq_qp_scale(int n, int nmax, const float *x, const float *w)
 {
     float mx = 0.0f;
     for (int i = 0; i < n; i++)
@@ -1522,7 +1706,7 @@ static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
             continue;
         float isc = ((float)is * TENTH + (float)nmax) / mx, sc = 1.0f / isc, mse = 0.0f;
         for (int i = 0; i < n; i++) {
-            float l = fminf((float)nmax, nearest(isc * x[i]));
+            float l = below(nearest(isc * x[i]), (float)nmax);
             float diff = x[i] - sc * l;
             mse += w[i] * diff * diff;
         }
@@ -1533,7 +1717,7 @@ static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
     }
     float sumlx = 0.0f, suml2 = 0.0f;
     for (int i = 0; i < n; i++) {
-        float l = fminf((float)nmax, nearest(iscale * x[i]));
+        float l = below(nearest(iscale * x[i]), (float)nmax);
         L[i] = (uint8_t)(int32_t)l;
         sumlx += w[i] * x[i] * l;
         suml2 += w[i] * l * l;
@@ -1544,7 +1728,7 @@ static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
             float li = (float)L[i];
             float slx = sumlx - w[i] * x[i] * li, sl2 = suml2 - w[i] * li * li;
             if (slx > 0 && sl2 > 0) {
-                float nl = fminf((float)nmax, nearest(x[i] * sl2 / slx));
+                float nl = below(nearest(x[i] * sl2 / slx), (float)nmax);
                 if (nl != li) {
                     slx += w[i] * x[i] * nl;
                     sl2 += w[i] * nl * nl;
@@ -1563,38 +1747,29 @@ static float iq_qp_scale(int n, int nmax, const float *x, const float *w)
     return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
-/* kernels/_iq_common.py trial_search on one block of n weights (IQ2_XS, IQ3_XXS); q gets the coordinates. */
-static float iq_trial_search(const IqTables *t, int n, const float *xv, const float *w, const float *wa, float mx,
-                             int top, float step, int ntr, int kmax, int resnap_all, float *q)
+
+/* kernels/_iq_common.py trial_search on one block of n weights in groups of dim (IQ2_XS, IQ3_XXS, IQ3_S, IQ2_S);
+ * q gets the coordinates. */
+INL float iq_trial_search(const IqTables *t, int dim, int n, const float *xv, const float *w, const float *wa,
+                          float mx, int top, float step, int ntr, int kmax, int resnap_all, float *q)
 {
-    const int ng = n / t->dim;
-    float qa[32], best = 0.0f, scale = mx / (float)top, sumqx, sumq2;
-    int on[8], oa[8];
-    i64 gi;
+    const int ng = n / dim;
+    float inv[MAX_TRIALS], best = 0.0f, scale = mx / (float)top, sumqx, sumq2;
+    int on[8];
     for (int i = 0; i < n; i++)
         q[i] = 1.0f;
     for (int k = 0; k < ng; k++)
         on[k] = !resnap_all;
-    for (int is = -ntr; is <= ntr; is++) {
-        float inv = ((float)is * step + (float)top) / mx, this_scale = 1.0f / inv;
-        for (int k = 0; k < ng; k++)
-            oa[k] = iq_snap(t, xv + k * t->dim, wa + k * t->dim, inv, this_scale, kmax, qa + k * t->dim, &gi);
-        iq_lsq(n, w, xv, qa, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(q, qa, sizeof(float) * n);
-            memcpy(on, oa, sizeof on);
-        }
-    }
-    int off = 0;
-    for (int k = 0; k < ng; k++)
+    for (int is = -ntr; is <= ntr; is++)
+        inv[is + ntr] = ((float)is * step + (float)top) / mx;
+    scale_trials(t, dim, n, xv, w, wa, inv, 2 * ntr + 1, kmax, &scale, &best, q, on);
+    int off = 0, redo[8];
+    for (int k = 0; k < ng; k++) {
         off += !on[k];
+        redo[k] = !on[k] || resnap_all;
+    }
     if (off > 0 && scale > 0) {
-        float inv = 1.0f / scale;
-        for (int k = 0; k < ng; k++)
-            if (!on[k] || resnap_all)
-                iq_snap(t, xv + k * t->dim, wa + k * t->dim, inv, scale, kmax, q + k * t->dim, &gi);
+        resnap(t, dim, n, xv, wa, scale, kmax, redo, q);
         iq_lsq(n, w, xv, q, &sumqx, &sumq2);
         if (sumq2 > 0)
             scale = sumqx / sumq2;
@@ -1604,10 +1779,10 @@ static float iq_trial_search(const IqTables *t, int n, const float *xv, const fl
 
 /* The IQ2_XXS search of one 32-weight block (kernels/iq2_xxs.py _encode); returns the scale, q the coordinates,
  * or 0 with *live = 0 for a block ggml skips. */
-static float iq2_xxs_search(const IqTables *t, const float *xv, const float *w, const float *wa, float *q, int *live)
+INL float iq2_xxs_search(const IqTables *t, const float *xv, const float *w, const float *wa, float *q, int *live)
 {
-    float mx = xv[0], sumqx, sumq2, qa[32];
-    i64 gi;
+    float mx = xv[0], sumqx, sumq2, inv[13];
+    int on[4];
     for (int i = 1; i < 32; i++)
         mx = xv[i] > mx ? xv[i] : mx;
     *live = 0;
@@ -1620,21 +1795,11 @@ static float iq2_xxs_search(const IqTables *t, const float *xv, const float *w, 
     float best = 0.0f;
     for (int i = 0; i < 32; i++)
         q[i] = 0.0f;
-    for (int is = -6; is <= 6; is++) {
-        float inv = (5.0f + (float)is * TENTH) / eff_max, this_scale = 1.0f / inv;
-        for (int k = 0; k < 4; k++)
-            iq_snap(t, xv + 8 * k, wa + 8 * k, inv, this_scale, 3, qa + 8 * k, &gi);
-        iq_lsq(32, w, xv, qa, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(q, qa, sizeof qa);
-        }
-    }
+    for (int is = -6; is <= 6; is++)
+        inv[is + 6] = (5.0f + (float)is * TENTH) / eff_max;
+    scale_trials(t, 8, 32, xv, w, wa, inv, 13, 3, &scale, &best, q, on);
     if (scale > 0) {
-        float inv = 1.0f / scale;
-        for (int k = 0; k < 4; k++)
-            iq_snap(t, xv + 8 * k, wa + 8 * k, inv, scale, 3, q + 8 * k, &gi);
+        resnap(t, 8, 32, xv, wa, scale, 3, NULL, q);
         iq_lsq(32, w, xv, q, &sumqx, &sumq2);
         if (sumq2 > 0)
             scale = sumqx / sumq2;
@@ -1642,7 +1807,7 @@ static float iq2_xxs_search(const IqTables *t, const float *xv, const float *w, 
     return scale;
 }
 
-static i64 iq_point(const IqTables *t, const float *q)
+INL i64 iq_point(const IqTables *t, const float *q)
 {
     i64 key = 0;
     for (int i = 0; i < t->dim; i++)
@@ -1657,7 +1822,7 @@ static void put_le(uint8_t *out, u64 v, int nbytes)
 }
 
 /* One super-block of 256 weights of kind (IQ_XXS2, IQ_XS2, IQ_XXS3) into y. */
-static void iq_superblock(int kind, const IqTables *t, const float *x, const float *qw, uint8_t *y)
+HOT static void iq_superblock(int kind, const IqTables *t, const float *x, const float *qw, uint8_t *y)
 {
     const int bs = kind == IQ_XS2 ? 16 : 32, nb = 256 / bs;
     float sumx2 = 0.0f, w[256], wa[256], xv[256], q[256], scales[16], max_scale = 0.0f;
@@ -1681,10 +1846,12 @@ static void iq_superblock(int kind, const IqTables *t, const float *x, const flo
             for (int i = 1; i < bs; i++)
                 mx = xv[o + i] > mx ? xv[o + i] : mx;
             live[ib] = !(mx < (kind == IQ_XXS3 ? 1e-8f : EPS));
-            s = live[ib] ? iq_trial_search(t, bs, xv + o, w + o, wa + o, mx, kind == IQ_XXS3 ? 15 : 5,
-                                           kind == IQ_XXS3 ? 0.2f : TENTH, kind == IQ_XXS3 ? 15 : 9,
-                                           kind == IQ_XXS3 ? 8 : 3, 0, q + o)
-                         : 0.0f;
+            if (!live[ib])
+                s = 0.0f;
+            else if (kind == IQ_XXS3)
+                s = iq_trial_search(t, 4, 32, xv + o, w + o, wa + o, mx, 15, 0.2f, 15, 8, 0, q + o);
+            else
+                s = iq_trial_search(t, 8, 16, xv + o, w + o, wa + o, mx, 5, TENTH, 9, 3, 0, q + o);
         }
         if (!live[ib]) {
             scales[ib] = 0.0f;
@@ -1731,8 +1898,9 @@ static void iq_superblock(int kind, const IqTables *t, const float *x, const flo
     }
 }
 
+
 /* IQ1_S (kernels/iq1_s.py): one super-block of 256 weights into the 50 bytes at y. */
-static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+HOT static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
 {
     static const float XP[3] = {-0.875f, 0.125f, 1.125f}, XM[3] = {-1.125f, -0.125f, 0.875f};
     float sumx2 = 0.0f, scales[8], max_scale = 0.0f;
@@ -1771,12 +1939,24 @@ static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, 
         float best = -FLT_MAX, scale = mx;
         int b1 = -1, b2 = -1, bs = 0;
         for (int i1 = 0; i1 <= 32; i1++) {
-            for (int i2 = i1; i2 <= 32; i2++) {
-                for (int s = 0; s < 2; s++) {
-                    const float *p = s == 0 ? XP : XM;
+            float rx[2][33], r2[2][33];
+            int hit = 0;
+            for (int s = 0; s < 2; s++) {
+                const float *p = s == 0 ? XP : XM;
+                for (int i2 = i1; i2 <= 32; i2++) {
                     float sqx = (sx[i1] - sx[0]) * p[0] + (sx[i2] - sx[i1]) * p[1] + (sx[32] - sx[i2]) * p[2];
                     float sq2 = (sw[i1] - sw[0]) * p[0] * p[0] + (sw[i2] - sw[i1]) * p[1] * p[1] +
                                 (sw[32] - sw[i2]) * p[2] * p[2];
+                    rx[s][i2] = sqx;
+                    r2[s][i2] = sq2;
+                    hit |= (sq2 > 0) & (sqx * sqx > best * sq2);
+                }
+            }
+            if (!hit) /* no split of this row beats best, which only these splits could have changed */
+                continue;
+            for (int i2 = i1; i2 <= 32; i2++) {
+                for (int s = 0; s < 2; s++) {
+                    float sqx = rx[s][i2], sq2 = r2[s][i2];
                     if (sq2 > 0 && sqx * sqx > best * sq2) {
                         scale = sqx / sq2;
                         best = scale * sqx;
@@ -1801,27 +1981,15 @@ static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, 
         i64 index[4];
         int all_on = 1;
         for (int k = 0; k < 4; k++) {
-            i64 key = 0;
-            for (int j = 0; j < 8; j++)
-                key |= (i64)L[8 * k + j] << (2 * j);
-            i64 gi = t->map[key];
+            int32_t key = 0;
+            for (int j = 7; j >= 0; j--)
+                key = key * 3 + L[8 * k + j];
+            i64 gi = t->code[key];
             if (gi < 0) {
+                float err[32];
                 all_on = 0;
-                const i64 *nb = t->neighbours + t->row[key] * t->width;
-                float bd = INFINITY;
-                gi = nb[0];
-                for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
-                    const float *pg = t->coords + nb[j] * 8;
-                    float d2 = 0.0f;
-                    for (int i = 0; i < 8; i++) {
-                        float diff = scale * xx[(int)((pg[i] - 1.0f) * 0.5f)] - xb[8 * k + i];
-                        d2 += w[8 * k + i] * diff * diff;
-                    }
-                    if (d2 < bd) {
-                        bd = d2;
-                        gi = nb[j];
-                    }
-                }
+                err_table(8, 3, xx, xb + 8 * k, w + 8 * k, scale, err);
+                gi = best_neighbour(t->lanes + (-gi - 1), err);
             }
             index[k] = gi;
         }
@@ -1857,40 +2025,28 @@ static void iq1s_superblock(const IqTables *t, const float *x, const float *qw, 
         put_le(y + 34 + 2 * ib, qh[ib], 2);
 }
 
+
 /* Move a group of 8 (levels L) onto the IQ1 lattice: its point, or the neighbour of least weighted error with
  * level values xx (ggml iq1_find_best_neighbour2). Sets *on to 0 when the group was off the lattice. */
-static i64 iq1_point(const IqTables *t, const int *L, const float *xb, const float *w, float scale, const float *xx,
-                     int *on)
+INL i64 iq1_point(const IqTables *t, const int *L, const float *xb, const float *w, float scale, const float *xx,
+                  int *on)
 {
-    i64 key = 0;
-    for (int j = 0; j < 8; j++)
-        key |= (i64)L[j] << (2 * j);
-    i64 gi = t->map[key];
+    int32_t key = 0;
+    for (int j = 7; j >= 0; j--)
+        key = key * 3 + L[j];
+    i64 gi = t->code[key];
     if (gi >= 0)
         return gi;
     *on = 0;
-    const i64 *nb = t->neighbours + t->row[key] * t->width;
-    float bd = INFINITY;
-    gi = nb[0];
-    for (i64 j = 0; j < t->width && nb[j] >= 0; j++) {
-        const float *pg = t->coords + nb[j] * 8;
-        float d2 = 0.0f;
-        for (int i = 0; i < 8; i++) {
-            float diff = scale * xx[(int)((pg[i] - 1.0f) * 0.5f)] - xb[i];
-            d2 += w[i] * diff * diff;
-        }
-        if (d2 < bd) {
-            bd = d2;
-            gi = nb[j];
-        }
-    }
-    return gi;
+    float err[32];
+    err_table(8, 3, xx, xb, w, scale, err);
+    return best_neighbour(t->lanes + (-gi - 1), err);
 }
 
 static inline int iq1_level(const IqTables *t, i64 gi, int j) { return (int)((t->coords[gi * 8 + j] - 1.0f) * 0.5f); }
 
 /* IQ1_M (kernels/iq1_m.py): one super-block of 256 weights into the 56 bytes at y; qw may be NULL. */
-static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+HOT static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
 {
     static const float XP[3] = {-0.875f, 0.125f, 1.125f}, XM[3] = {-1.125f, -0.125f, 0.875f};
     static const uint8_t MASK[4] = {0x00, 0x80, 0x08, 0x88};
@@ -1936,8 +2092,10 @@ static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, 
         float best = -FLT_MAX, scale = mx;
         int b1 = -1, b2 = -1, bk = -1;
         for (int i1 = 0; i1 <= 16; i1++) {
+            float sqx[4][17], sq2[4][17];
+            int hit = 0;
             for (int i2 = i1; i2 <= 16; i2++) {
-                float qxp[2], qxm[2], q2p[2], q2m[2], sqx[4], sq2[4];
+                float qxp[2], qxm[2], q2p[2], q2m[2];
                 for (int h = 0; h < 2; h++) {
                     float sx = px[h][i1] + px[h][i2];
                     qxp[h] = px[h][16] * p2 - sx;
@@ -1945,18 +2103,24 @@ static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, 
                     q2p[h] = pw[h][16] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
                     q2m[h] = pw[h][16] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
                 }
-                sqx[0] = qxp[0] + qxp[1];
-                sqx[1] = qxp[0] + qxm[1];
-                sqx[2] = qxm[0] + qxp[1];
-                sqx[3] = qxm[0] + qxm[1];
-                sq2[0] = q2p[0] + q2p[1];
-                sq2[1] = q2p[0] + q2m[1];
-                sq2[2] = q2m[0] + q2p[1];
-                sq2[3] = q2m[0] + q2m[1];
+                sqx[0][i2] = qxp[0] + qxp[1];
+                sqx[1][i2] = qxp[0] + qxm[1];
+                sqx[2][i2] = qxm[0] + qxp[1];
+                sqx[3][i2] = qxm[0] + qxm[1];
+                sq2[0][i2] = q2p[0] + q2p[1];
+                sq2[1][i2] = q2p[0] + q2m[1];
+                sq2[2][i2] = q2m[0] + q2p[1];
+                sq2[3][i2] = q2m[0] + q2m[1];
+                for (int k = 0; k < 4; k++)
+                    hit |= (sq2[k][i2] > 0) & (sqx[k][i2] * sqx[k][i2] > best * sq2[k][i2]);
+            }
+            if (!hit) /* no split of this row beats best, which only these splits could have changed */
+                continue;
+            for (int i2 = i1; i2 <= 16; i2++) {
                 for (int k = 0; k < 4; k++) {
-                    if (sq2[k] > 0 && sqx[k] * sqx[k] > best * sq2[k]) {
-                        scale = sqx[k] / sq2[k];
-                        best = scale * sqx[k];
+                    if (sq2[k][i2] > 0 && sqx[k][i2] * sqx[k][i2] > best * sq2[k][i2]) {
+                        scale = sqx[k][i2] / sq2[k][i2];
+                        best = scale * sqx[k][i2];
                         b1 = i1;
                         b2 = i2;
                         bk = k;
@@ -2030,9 +2194,10 @@ static void iq1m_superblock(const IqTables *t, const float *x, const float *qw, 
         put_le(y + 48 + 2 * i, sc[i], 2);
 }
 
+
 /* |x| and all 8 sign bits per group of 8 weights (IQ3_S and IQ2_S store every sign, unlike iq_fold's 7); returns
  * the largest |x| of the block (ggml's first-to-last max loop). */
-static float fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
+INL float fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
 {
     for (int k = 0; k < groups; k++) {
         signs[k] = 0;
@@ -2054,7 +2219,7 @@ static float fold_all_signs(int groups, const float *x, float *xv, u64 *signs)
 
 /* IQ3_S (kernels/iq3_s.py): one super-block of 256 weights into the 110 bytes at y; qw may be NULL. An all-zero
  * block does not advance the qs / signs write position (as in ggml). */
-static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+HOT static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
 {
     float sumx2 = 0.0f, w[256], wa[256], xv[256], q[32], scales[8], max_scale = 0.0f;
     int slot = 0;
@@ -2073,7 +2238,7 @@ static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, 
         scales[ib] = 0.0f;
         if (mx == 0)
             continue;
-        float s = iq_trial_search(t, 32, xv + o, w + o, wa + o, mx, 15, 0.2f, 9, 8, 1, q);
+        float s = iq_trial_search(t, 4, 32, xv + o, w + o, wa + o, mx, 15, 0.2f, 9, 8, 1, q);
         if (s < 0) {
             s = -s;
             for (int k = 0; k < 4; k++)
@@ -2101,7 +2266,7 @@ static void iq3s_superblock(const IqTables *t, const float *x, const float *qw, 
 }
 
 /* IQ2_S (kernels/iq2_s.py): one super-block of 256 weights into the 82 bytes at y; qw may be NULL. */
-static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
+HOT static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, uint8_t *y)
 {
     float sumx2 = 0.0f, w[256], wa[256], xv[256], q[16], scales[16], max_scale = 0.0f;
     memset(y, 0, 82);
@@ -2119,7 +2284,7 @@ static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, 
         scales[ib] = 0.0f;
         if (mx < 1e-8f)
             continue;
-        float s = iq_trial_search(t, 16, xv + o, w + o, wa + o, mx, 5, TENTH, 9, 3, 0, q);
+        float s = iq_trial_search(t, 8, 16, xv + o, w + o, wa + o, mx, 5, TENTH, 9, 3, 0, q);
         if (s < 0) {
             s = -s;
             for (int k = 0; k < 2; k++)
@@ -2147,19 +2312,27 @@ static void iq2s_superblock(const IqTables *t, const float *x, const float *qw, 
 
 /* Quantize rows r0 .. r1 of x (n_per_row columns, a multiple of 256) as IQ2_XXS (kind 0), IQ2_XS (1), IQ3_XXS (2)
  * IQ1_S (3), IQ1_M (4), IQ3_S (5) or IQ2_S (6) into out (the whole tensor's bytes); qw is the imatrix
- * (n_per_row,) or NULL (IQ3_XXS, IQ1_M, IQ3_S and IQ2_S only). The
- * lattice tables are those of kernels/_iq_grids.py search_tables. Returns 0, or -1 for a bad kind. */
-int qf_quantize_iq_rows(int kind, const float *x, i64 n_per_row, const float *qw, uint8_t *out, i64 r0, i64 r1,
-                        const float *coords, const i64 *map, const i64 *neighbours, const i64 *row, i64 width)
+ * (n_per_row,) or NULL (IQ3_XXS, IQ1_M, IQ3_S and IQ2_S only). The lattice tables are those of kernels/_iq_grids.py
+ * search_tables with the lanes of kernels/_cpu_fast.py lane_tables. With next NULL the caller's thread does rows
+ * r0 .. r1 itself; otherwise every thread calling with the same next (a counter set to r0) takes the next row
+ * until none is left, so threads that run slower (a shared machine) do fewer rows. Returns 0, or -1 for a bad
+ * kind. */
+int qf_iq_encode_rows(int kind, const float *x, i64 n_per_row, const float *qw, uint8_t *out, i64 r0, i64 r1,
+                      const float *coords, const i64 *map, const int32_t *code, const uint16_t *lanes, i64 *next)
 {
     if (kind < 0 || kind >= N_IQ || ((kind == IQ_XXS2 || kind == IQ_XS2 || kind == IQ1S) && qw == NULL))
         return -1;
     const int iq3 = kind == IQ_XXS3 || kind == IQ3S;
-    IqTables t = {coords, map, neighbours, row, width, iq3 ? 4 : 8, iq3 ? 3 : 2};
+    IqTables t = {coords, map, iq3 ? 4 : 8, iq3 ? 3 : 2, code, lanes, iq3 ? 8 : 3};
     static const i64 TYPE_SIZE[N_IQ] = {66, 74, 98, 50, 56, 110, 82};
     const i64 ts = TYPE_SIZE[kind];
     const i64 nsb = n_per_row / 256;
     for (i64 r = r0; r < r1; r++) {
+        if (next) {
+            r = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+            if (r >= r1)
+                break;
+        }
         for (i64 s = 0; s < nsb; s++) {
             const float *xs = x + r * n_per_row + 256 * s, *qs = qw ? qw + 256 * s : NULL;
             if (kind == IQ1S)

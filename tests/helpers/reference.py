@@ -219,15 +219,16 @@ def tiny_checkpoint(model_type: str, out_dir: Any, tokenizer_dir: Any, n_layers:
     return out
 
 
-def tiny_llama(out: Any, seed: int = 0) -> Path:
-    """A 2-layer random Llama in bf16 with an untied lm_head, attention biases and dummy tokenizer side files."""
+def tiny_llama(out: Any, seed: int = 0, hidden: int = 128, intermediate: int = 320, attention_bias: bool = True) -> Path:
+    """A 2-layer random Llama in bf16 with an untied lm_head, attention biases (unless turned off) and dummy
+    tokenizer side files; ``hidden``/``intermediate`` of 256 multiples fit the k-quant super-blocks."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False,
-                      attention_bias=True, bos_token_id=1, eos_token_id=2)
+                      attention_bias=attention_bias, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from quantforge.exporters.gguf.writer import export_gguf, write_gguf
 from quantforge.kernels import merge as merge_mod
+from helpers.reference import tiny_llama
 
 from quantforge.cli.main import main
 from quantforge.merged_source import MergedSource
@@ -28,18 +29,7 @@ class TensorByTensor(MergedSource):
 
 def _base(out):
     """A 2-layer random Llama in bf16 whose widths fit the 256-wide k-quant blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) * 0.5 + 0.75 if "norm" in name else torch.randn_like(p) * 0.2)
-    model.to(torch.bfloat16).save_pretrained(out)
-    (out / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    tiny_llama(out, hidden=256, intermediate=512, attention_bias=False)
     vocab = {f"t{i}": i for i in range(256)}  # a byte-level BPE vocabulary without merges fills the GGUF metadata
     (out / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
                                                     "pre_tokenizer": {"type": "ByteLevel"}, "added_tokens": []}))
