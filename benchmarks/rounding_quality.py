@@ -12,6 +12,9 @@ Steps (all on this machine's CPU):
 3. per mix: llama.cpp's file (``llama-quantize --imatrix``), ours with ``optimize="gptq"`` and the same imatrix,
    and (``--anchor``) ours with the default rounding and that imatrix (llama.cpp's codecs reimplemented: should
    match llama.cpp's KLD);
+   ours with ``optimize="tune"`` (gptq's codes and block scales refined against the same output error);
+   for q4_k_m (``--autoround``) AutoRound's ``gguf:q4_k_m`` export in its rounding-only (``iters=0``) and tuned
+   (default iters) modes, fed the same calibration chunks (``benchmarks/autoround_gguf.py``, its own process);
 4. mean KLD of every file against the f16 base with ``llama-perplexity --kl-divergence`` on two texts: 512-token
    chunks of wiki.test.raw and of LAMBADA's plain text (neither used for calibration) — the same tool for all.
 
@@ -46,6 +49,69 @@ def base_logits(f16: Path, text: Path, chunks: int, work: Path, label: str, thre
     return out
 
 
+def autoround_files(model: Path, data: list[Path], args: argparse.Namespace, work: Path,
+                    timings: dict[str, float], reused: list[str]) -> dict[str, Path]:
+    """AutoRound's q4_k_m GGUF for each ``--autoround`` iters value (cached in ``work``), keyed by row label."""
+
+    out: dict[str, Path] = {}
+    for iters in [int(i) for i in args.autoround.split(",") if i.strip()]:
+        folder = work / f"autoround-q4_k_m-iters{iters}"
+        label = f"AutoRound {'rtn (iters 0)' if iters == 0 else f'tuned (iters {iters})'}"
+        found = sorted(folder.rglob("*.gguf")) if folder.is_dir() else []
+        if found:
+            reused.append(folder.name)
+            out[label] = found[0]
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-P", str(Path(_HERE) / "autoround_gguf.py"), str(model), str(folder), "--type",
+               "q4_k_m", "--iters", str(iters), "--tokens", str(args.tokens), "--threads", str(args.threads),
+               "--data", *map(str, data)]
+        run(cmd, work / f"{folder.name}.log")
+        timings[f"AutoRound iters {iters}"] = time.perf_counter() - t0
+        out[label] = sorted(folder.rglob("*.gguf"))[0]
+    return out
+
+
+def plan_files(model: Path, data: list[Path], args: argparse.Namespace, work: Path, ref_bytes: int,
+               timings: dict[str, float], reused: list[str]) -> dict[str, Path]:
+    """Our dynamic plan at ``ref_bytes`` of tensor data for each ``--plan-modes`` rounding mode: calibrate with the
+    sensitivity measured under that mode (``calibrate --optimize MODE``, one cached table per mode in the same
+    folder), ``plan --size-mb ... --optimize MODE`` (the mode recorded per tensor), written by our exporter with
+    the calibration's imatrix and input second moments. Keyed by row label."""
+    import hashlib
+
+    from planner_quality import plan_body
+    from quantforge.calibration.pipeline import calibrate
+    from quantforge.calibration.settings import CalibrationSettings
+    from quantforge.cli.main import main as qf
+    from quantforge.exporters.gguf import export_gguf
+
+    cal = work / "cal"  # holds the XᵀX of calibrate_hessians (same chunks: reused by the gptq sensitivity)
+    out: dict[str, Path] = {}
+    for mode in [m.strip() for m in args.plan_modes.split(",") if m.strip()]:
+        t0 = time.perf_counter()
+        settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=512, rounding=mode)
+        if calibrate(model, data, cal, settings, force=True).sensitivity_reused:
+            reused.append(f"sensitivity ({mode})")
+        else:
+            timings[f"calibrate ({mode} sensitivity)"] = time.perf_counter() - t0
+        plan_path = work / f"plan-q4_k_m-{mode}.yaml"
+        if qf(["plan", str(model), "--calibration", str(cal), "--size-mb", f"{ref_bytes / 1e6:.6f}", "--optimize",
+               mode, "-o", str(plan_path), "--force"]) != 0:
+            raise RuntimeError(f"quantforge plan --optimize {mode} failed")
+        digest = hashlib.sha256(plan_body(plan_path).encode()).hexdigest()[:10]
+        path = work / f"ours-plan-q4_k_m-{mode}-{digest}.gguf"
+        t0 = time.perf_counter()
+        if path.is_file():
+            reused.append(path.name)
+        else:
+            export_gguf(model, path, plan=plan_path, imatrix=cal / "imatrix.gguf",
+                        hessians=cal / "hessians.safetensors")
+            timings[f"plan q4_k_m {mode}"] = time.perf_counter() - t0
+        out[f"dynamic plan + {mode}"] = path
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(BENCH / "rounding"), help="scratch folder (cached between runs)")
@@ -56,6 +122,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="a sentence appended to the recorded notes")
+    ap.add_argument("--no-tune", action="store_true", help="leave out our tuned mode (optimize='tune')")
+    ap.add_argument("--autoround", default="0,200",
+                    help="AutoRound iters to run for q4_k_m (0: its rounding-only mode, 200: its default tuning); "
+                         "'' for none")
+    ap.add_argument("--plan-modes", default="rtn,gptq",
+                    help="q4_k_m: our dynamic plan at llama.cpp's q4_k_m tensor size, planned and written under each "
+                         "of these rounding modes; '' for none")
     args = ap.parse_args()
 
     from quantforge.calibration.hessian_pass import calibrate_hessians
@@ -102,6 +175,8 @@ def main() -> int:
         timings["XᵀX"] = hess["seconds"]
 
     rows, results = [], {}
+    sizes: dict[str, tuple[int, int]] = {}
+    plan_sizes: dict[str, int] = {}
     for mix in [m.strip() for m in args.mixes.split(",") if m.strip()]:
         print(mix, flush=True)
         ref = work / f"llama-{mix}.gguf"
@@ -110,6 +185,7 @@ def main() -> int:
                  str(args.threads)], work / f"llama-{mix}.quantize.log")
         files = {"llama.cpp": ref}
         variants = [("gptq", "gptq")] + ([("rtn", "ours rtn")] if args.anchor else [])
+        variants += [] if args.no_tune else [("tune", "tune")]
         for mode, label in variants:
             path = work / f"ours-{mix}-{mode}.gguf"
             t0 = time.perf_counter()
@@ -121,10 +197,20 @@ def main() -> int:
                 reused.append(path.name)
             files[label] = path
         ref_bytes, ref_types = tensor_bytes(ref)
+        foreign = autoround_files(model, data, args, work, timings, reused) if mix == "q4_k_m" else {}
+        files.update(foreign)
+        planned = plan_files(model, data, args, work, ref_bytes, timings, reused) if mix == "q4_k_m" else {}
+        files.update(planned)
         entry: dict[str, dict[str, float]] = {}
         for label, path in files.items():
             nbytes, types = tensor_bytes(path)
-            if nbytes != ref_bytes or types != ref_types:
+            if label in planned:
+                if nbytes > ref_bytes:
+                    raise RuntimeError(f"{path.name}: {nbytes} tensor bytes, over llama.cpp's {mix} ({ref_bytes})")
+                plan_sizes[label] = nbytes
+            elif label in foreign:
+                sizes[label] = (nbytes, sum(types.get(k) != v for k, v in ref_types.items()))
+            elif nbytes != ref_bytes or types != ref_types:
                 raise RuntimeError(f"{path.name}: tensor types/bytes differ from llama.cpp's {mix}")
             entry[label] = {t: kld_of(path, bases[t], work, args.threads)["kld"] for t in TEXTS}
             entry[label]["mean"] = sum(entry[label][t] for t in TEXTS) / len(TEXTS)
@@ -133,7 +219,11 @@ def main() -> int:
             if label == "llama.cpp":
                 continue
             e, r = entry[label], entry["llama.cpp"]
-            rows.append([mix, label, f"{ref_bytes / 1e6:.2f}",
+            mb = f"{ref_bytes / 1e6:.2f}" if label not in foreign else (
+                f"{sizes[label][0] / 1e6:.2f} (llama.cpp {ref_bytes / 1e6:.2f}; {sizes[label][1]} tensor types differ)")
+            if label in plan_sizes:
+                mb = f"{plan_sizes[label] / 1e6:.2f} (llama.cpp {ref_bytes / 1e6:.2f}; per-tensor types)"
+            rows.append([mix, label, mb,
                          *(f"{r[t]:.5f} / {e[t]:.5f}" for t in TEXTS),
                          f"{e['mean'] / r['mean']:.3f}", f"{1 - e['mean'] / r['mean']:.1%}"])
             print("  " + " | ".join(rows[-1]), flush=True)
@@ -151,7 +241,14 @@ def main() -> int:
              "plain text (second-half scoring); the ratio is of the mean over both texts. Stage times (s): "
              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
              + (f"; reused from an earlier run in the same folder: {', '.join(reused)}" if reused else "")
-             + f". Wall time {total / 60:.1f} min.")
+             + f". Wall time {total / 60:.1f} min."
+             + (" AutoRound rows: its own GGUF writer and q4_k_m mix rules (size and tensor types in the MB column, "
+                f"not forced equal), {args.tokens} calibration tokens as {n_chunks} x {ctx}-token sequences (ours), "
+                "CPU." if sizes else "")
+             + (" Dynamic plan rows: our calibration (same chunks; its own imatrix, hold-out 512 tokens, sampled "
+                "KLD measurements) with the sensitivity measured under the row's rounding mode, 'quantforge plan "
+                "--size-mb <llama.cpp q4_k_m tensor MB> --optimize MODE', written by our exporter; tensor types "
+                "differ from llama.cpp's by design (size at most llama.cpp's, checked)." if plan_sizes else ""))
     if args.note:
         body += " " + args.note
     print(body)

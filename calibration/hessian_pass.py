@@ -25,7 +25,9 @@ HESSIAN_VERSION = 1
 
 
 class HessianAccumulator:
-    """Running ``Σ xᵀx`` (float64) and token counts per input group, fed one matmul input at a time.
+    """Running ``Σ xᵀx`` (float64, on the inputs' device) and token counts per input group, fed one matmul input
+    at a time; :meth:`finish` turns the open sums into packed float32 ``H`` on the host (after each layer, so the
+    float64 sums of one layer at a time are held).
 
     ``names`` maps a hook key to the GGUF weight name. A weight whose input is the same tensor object as the
     previous weight's (same storage, shape and strides) joins that weight's group; it must do so on every call."""
@@ -34,6 +36,7 @@ class HessianAccumulator:
         self.names = names
         self.members: dict[str, str] = {}
         self.sums: dict[str, Any] = {}
+        self.done: dict[str, Any] = {}
         self.tokens: dict[str, int] = {}
         self._last: tuple[str, Any] | None = None
 
@@ -53,15 +56,23 @@ class HessianAccumulator:
             return
         self.members[name] = name
         rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        gram = (rows.t() @ rows).to(torch.float64).cpu()
+        gram = (rows.t() @ rows).to(torch.float64)
         self.sums[name] = gram if name not in self.sums else self.sums[name].add_(gram)
         self.tokens[name] = self.tokens.get(name, 0) + rows.shape[0]
         self._last = (name, x)
 
+    def finish(self) -> None:
+        """Close every open group: ``H = Σxᵀx / tokens`` as float32, upper triangle packed, on the host."""
+        from ..rounding.hessians import pack_upper
+
+        for g in list(self.sums):
+            self.done[g] = pack_upper(self.sums.pop(g) / max(1, self.tokens[g]))
+        self._last = None
+
     def result(self) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
-        """``({group: H = Σxᵀx / tokens (float32)}, {weight: group}, {group: tokens})``."""
-        groups = {g: (s / max(1, self.tokens[g])).float() for g, s in self.sums.items()}
-        return groups, dict(self.members), dict(self.tokens)
+        """``({group: packed H (float32)}, {weight: group}, {group: tokens})``."""
+        self.finish()
+        return dict(self.done), dict(self.members), dict(self.tokens)
 
 
 def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]], batch_size: int = 4,
@@ -81,6 +92,7 @@ def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[
                 for b, h in enumerate(hs):
                     h = h.to(runner.device)
                     hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
+            acc.finish()
     return acc.result()
 
 

@@ -57,7 +57,8 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
     data_info = [{"path": str(Path(p)), "sha256": file_digest(p)} for p in data]
     mhash = store.model_hash(src)
     imatrix_key = store.digest({"model": mhash, "data": [d["sha256"] for d in data_info], **s.imatrix_part()})
-    sens_key = store.digest({"imatrix": imatrix_key, **asdict(s)})
+    sens_key = store.digest({"imatrix": imatrix_key, **s.sensitivity_part()})
+    sens_file, plot_file, key_name = store.sensitivity_files(s.rounding)
     # torchrun: every rank runs calibrate(); rank 0 owns the folder (decides, reads and writes), see .parallel
     group = distributed.current()
 
@@ -66,7 +67,7 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
         manifest = store.read_manifest(folder) if folder.is_dir() else None
         if manifest is None and folder.is_dir() and any(folder.iterdir()) and not force:
             check_output(folder, force)
-        if store.cached(folder, "sensitivity_key", sens_key, (store.IMATRIX, store.SENSITIVITY, store.PLOT)):
+        if store.cached(folder, key_name, sens_key, (store.IMATRIX, sens_file, plot_file)):
             return True, True
         folder.mkdir(parents=True, exist_ok=True)
         return False, store.cached(folder, "imatrix_key", imatrix_key, (store.IMATRIX,))
@@ -74,6 +75,7 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
     sensitivity_cached, imatrix_reused = group.on_main(folder_state)
     if sensitivity_cached:
         return CalibrationResult(folder, True, True, {})
+    kept = group.on_main(lambda: _other_modes(folder, imatrix_key, key_name))
 
     import torch
     from transformers import AutoTokenizer
@@ -101,13 +103,20 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
         seconds["imatrix"] = time.perf_counter() - t0
     if group.is_main:
         store.write_manifest(folder, {"imatrix_key": imatrix_key, "model": {"path": str(src.path), "hash": mhash},
-                                      "data": data_info, "settings": s.imatrix_part()})
+                                      "data": data_info, "settings": s.imatrix_part(), **kept})
+    rounders = None
+    if s.rounding != "rtn":
+        t0 = time.perf_counter()
+        rounders = _rounders(runner, refs, chunks.calibration, folder, mhash, [d["sha256"] for d in data_info], s,
+                             batch_size, progress, group)
+        seconds["hessians"] = time.perf_counter() - t0
     if group.distributed:
         from .parallel import ShardedProfiler
 
         prof: Profiler = ShardedProfiler(group, runner, refs, imatrix, chunks.holdout, s, progress)
     else:
         prof = Profiler(runner, refs, imatrix, chunks.holdout, s, progress)
+    prof.rounders = rounders
     t0 = time.perf_counter()
     prof.forward_cache()
     prof.fisher_and_proxies()
@@ -125,13 +134,44 @@ def calibrate(model: Any, data: list[Any], out: Any, settings: CalibrationSettin
              "device": str(runner.device), "n_measured": len(pairs), "fit": fit,
              "seconds": {k: round(v, 1) for k, v in seconds.items()}, "tensors": prof.table()}
     if group.is_main:
-        store.write_json(folder / store.SENSITIVITY, table)
+        store.write_json(folder / sens_file, table)
         from .plot import plot_sensitivity
 
-        plot_sensitivity(table, folder / store.PLOT)
-        store.write_manifest(folder, {"imatrix_key": imatrix_key, "sensitivity_key": sens_key,
+        plot_sensitivity(table, folder / plot_file)
+        files = list(dict.fromkeys([store.IMATRIX, *kept.get("files", []), sens_file, plot_file]))
+        store.write_manifest(folder, {"imatrix_key": imatrix_key, **kept, key_name: sens_key,
                                       "model": {"path": str(src.path), "hash": mhash}, "data": data_info,
-                                      "settings": asdict(s), "files": [store.IMATRIX, store.SENSITIVITY, store.PLOT]})
+                                      "settings": asdict(s), "files": files})
     src.close()
     group.barrier()
     return CalibrationResult(folder, imatrix_reused, False, seconds)
+
+
+def _other_modes(folder: Path, imatrix_key: str, key_name: str) -> dict[str, Any]:
+    """The sensitivity keys (and files) of the other rounding modes in the folder's manifest, kept when they were
+    made from the same imatrix, so calibrating under one mode leaves the other modes' tables cached."""
+    m = store.read_manifest(folder) if folder.is_dir() else None
+    if not m or m.get("imatrix_key") != imatrix_key:
+        return {}
+    keys = {k: v for k, v in m.items() if k.startswith("sensitivity_key") and k != key_name}
+    files = [f for k in keys for f in store.sensitivity_files(k.removeprefix("sensitivity_key_") if "_key_" in k
+                                                              else "rtn")[:2]]
+    return {**keys, "files": files} if keys else {}
+
+
+def _rounders(runner: DecoderRunner, refs: list[Any], chunks: list[list[int]], folder: Path, mhash: str,
+              data_digests: list[str], s: CalibrationSettings, batch_size: int, progress: Progress,
+              group: Any) -> Any:
+    """The optimized rounding of the settings' mode for the sensitivity stage, from the folder's input second
+    moments (collected here, from the calibration chunks, unless the folder holds them for this model, data and
+    token budget)."""
+    from ..rounding import ModeRounders
+    from ..rounding.hessians import FILE, read_key, save_hessians
+    from .hessian_pass import collect_hessians, hessians_key
+
+    path = folder / FILE
+    key = hessians_key(mhash, data_digests, s)
+    if group.is_main and read_key(path) != key:
+        save_hessians(path, *collect_hessians(runner, refs, chunks, batch_size, progress), key)
+    group.barrier()
+    return ModeRounders(s.rounding, path)

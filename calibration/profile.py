@@ -39,6 +39,16 @@ class Profiler:
         self.n_tokens = sum(len(c) for c in holdout)
         self.records: dict[str, dict[str, dict[str, Any]]] = {r.gguf_name: {} for r in refs}
         self.base_nll = float("nan")
+        self.rounders: Any = None  # quantforge.rounding.ModeRounders of the settings' optimized rounding, if any
+
+    def round_trip(self, ref: TensorRef, weight: Any, fmt: str, imatrix: Any) -> Any:
+        """Rows of ``ref``'s weight encoded as ``fmt`` and decoded, rounded as the exporter will round them: the
+        settings' optimized mode where it applies to this tensor and format, else the format's own rounding."""
+        if self.rounders is not None:
+            out = self.rounders.round_trip(ref.gguf_name, weight, fmt, imatrix)
+            if out is not None:
+                return out
+        return cand.fake_quantize(weight, fmt, imatrix)
 
     @property
     def accumulate_on(self) -> Any:
@@ -182,18 +192,20 @@ class Profiler:
             imat = self._imat(first)
             imat = None if imat is None else imat.to(dev)
             stacked = torch.cat([p[1] for p in parts])
+            h = None if self.rounders is None else self.rounders.second_moments(first.gguf_name, dev)
             for t in first.candidates:
                 if t == cand.TOP:
                     for ref, *_ in parts:
                         self.records[ref.gguf_name].setdefault(t, {}).update(proxy_imatrix=0.0, proxy_fisher=0.0)
                     continue
-                deq = cand.fake_quantize(stacked, t, imat)
+                deq = self.round_trip(first, stacked, t, imat)
                 start = 0
                 for ref, sub, fsub, scale in parts:
                     dw = deq[start:start + len(sub)] - sub
                     start += len(sub)
                     rec = self.records[ref.gguf_name].setdefault(t, {})
-                    rec["proxy_imatrix"] = scale * sens.imatrix_proxy(dw, imat)
+                    rec["proxy_imatrix"] = scale * (sens.imatrix_proxy(dw, imat) if h is None
+                                                    else sens.hessian_proxy(dw, h))
                     rec["proxy_fisher"] = scale * sens.fisher_proxy(dw, fsub, self.n_tokens)
 
     def measure_pairs(self) -> list[tuple[TensorRef, str]]:
@@ -223,7 +235,7 @@ class Profiler:
 
         r = self.runner
         for ref, t in self.progress(pairs, total=len(pairs), desc="measure KLD", unit="pair"):
-            wq = cand.fake_quantize(ref.module.weight.to(r.device), t, self._imat(ref))
+            wq = self.round_trip(ref, ref.module.weight.to(r.device), t, self._imat(ref))
             klds = []
             with torch.no_grad(), swapped_weight(ref.module, wq):
                 for c, ids in enumerate(self.ids):

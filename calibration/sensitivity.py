@@ -4,7 +4,8 @@ predicted KLD. Pure functions of tensors and numbers; the model plumbing lives i
 Two proxies are computed for every (tensor, format) pair from the weight error ``dW = W_q - W``:
 
 * ``imatrix``: ``sum_ij E[x_j^2] dW_ij^2``, the expected squared output error of the linear per token
-  (diagonal approximation with llama.cpp's importance matrix).
+  (diagonal approximation with llama.cpp's importance matrix); under an optimized rounding mode, which spreads
+  errors along the inputs' correlations, the full ``sum_rows dW H dWᵀ`` with the saved ``H = E[x xᵀ]``.
 * ``fisher``: ``0.5 / n_tokens * sum_ij F_ij dW_ij^2`` with ``F`` the diagonal Fisher information of the
   model's output distribution w.r.t. the weight, estimated from per-chunk gradients of ``log p(y)`` with labels
   ``y`` sampled from the model itself. This is the second-order expansion of the mean KLD, so it already has KLD
@@ -42,6 +43,14 @@ def imatrix_proxy(dw: Any, imatrix: Any) -> float:
     """``sum_ij imatrix_j * dw_ij^2`` (``imatrix`` = per-column mean of squared inputs; ``None`` = all ones)."""
     e = dw.double().pow(2).sum(0)
     return float(e.sum() if imatrix is None else (e * imatrix.double()).sum())
+
+
+def hessian_proxy(dw: Any, h: Any) -> float:
+    """``sum_rows dw H dwᵀ`` with ``H`` the inputs' full second moments: the expected squared output error per
+    token, correlations included (:func:`imatrix_proxy` is its diagonal). Error-feedback rounding lowers exactly
+    the off-diagonal part, which the diagonal would not see."""
+    d = dw.double()
+    return float(((d @ h.to(device=d.device, dtype=d.dtype)) * d).sum())
 
 
 def fisher_proxy(dw: Any, fisher: Any, n_tokens: int) -> float:

@@ -26,6 +26,15 @@ _SAMPLES = 16
 _SAMPLE_BYTES = 1 << 16
 
 
+def sensitivity_files(rounding: str = "rtn") -> tuple[str, str, str]:
+    """``(table, plot, manifest key name)`` of the sensitivity measured under a rounding mode: the default
+    rounding keeps the plain names; another mode gets its own files and key (``sensitivity-gptq.json``), so a
+    folder holds one table per mode and each is cached on its own."""
+    if rounding == "rtn":
+        return SENSITIVITY, PLOT, "sensitivity_key"
+    return f"sensitivity-{rounding}.json", f"sensitivity-{rounding}.png", f"sensitivity_key_{rounding}"
+
+
 def model_hash(src: Any) -> str:
     """The source's header fingerprint plus a hash of sampled byte ranges of every weight file, so a
     fine-tuned checkpoint with the same shapes gets a different key without reading the whole model."""

@@ -34,7 +34,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="write into a non-empty folder that is not a calibration")
     p.add_argument("--hessians", action="store_true",
                    help="also save the inputs' second moments XᵀX per linear input (hessians.safetensors, one "
-                        "n x n float32 matrix per input group) for 'quantize --optimize gptq'")
+                        "n x n float32 matrix per input group) for 'quantize --optimize gptq' and 'tune'")
+    p.add_argument("--optimize", choices=("rtn", "gptq", "tune"), default="rtn",
+                   help="rounding the sensitivity measurements quantize each candidate with, as 'quantize --optimize' "
+                        "will (default rtn); another mode also saves hessians.safetensors and writes its own table "
+                        "(sensitivity-MODE.json, for 'plan --optimize MODE'), cached beside the others")
     p.set_defaults(func=run)
 
 
@@ -87,13 +91,14 @@ def check_args(args: Any) -> None:
 
 
 def _run(args: Any, group: Any) -> int:
+    from quantforge.calibration import store
     from quantforge.calibration.candidates import parse_candidates
     from quantforge.calibration.pipeline import CalibrationSettings, calibrate
 
     settings = CalibrationSettings(tokens=args.tokens, ctx=args.ctx, holdout_tokens=args.holdout_tokens,
                                    candidates=parse_candidates(args.candidates), measure=args.measure,
                                    sample_layers=args.sample_layers, fisher_draws=args.fisher_draws,
-                                   proxy_rows=args.proxy_rows, seed=args.seed)
+                                   proxy_rows=args.proxy_rows, seed=args.seed, rounding=args.optimize)
     result = calibrate(args.model, args.data, args.output, settings, device=args.device, batch_size=args.batch_size,
                        progress=progress if group.is_main else _quiet, force=args.force)
     if args.hessians:
@@ -111,7 +116,8 @@ def _run(args: Any, group: Any) -> int:
     else:
         done = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
         note = " (imatrix reused)" if result.imatrix_reused else ""
-        out(f"wrote {result.folder}: imatrix.gguf, sensitivity.json, sensitivity.png{note} [{done}]")
+        table, plot = store.sensitivity_files(settings.rounding)[:2]
+        out(f"wrote {result.folder}: imatrix.gguf, {table}, {plot}{note} [{done}]")
     return 0
 
 

@@ -24,6 +24,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--double-quant", action="store_true", help="bnb4: size the 4-bit modules with double quant")
     p.add_argument("--types", default=None, help="gguf: only these formats (comma-separated; f16 always allowed)")
     p.add_argument("--method", choices=("dp", "lagrange"), default="dp", help="knapsack solver (default dp)")
+    p.add_argument("--optimize", choices=("rtn", "gptq", "tune"), default=None,
+                   help="gguf: plan from the sensitivity measured under this rounding ('calibrate --optimize MODE') "
+                        "and record the mode per tensor, so 'quantize --plan' rounds as the plan assumed")
     p.add_argument("-o", "--output", required=True, help="plan file (YAML)")
     p.add_argument("--force", action="store_true", help="overwrite an existing plan file")
     p.set_defaults(func=run)
@@ -40,7 +43,7 @@ def run(args: Any) -> int:
     from quantforge.planner import load_sensitivity, plan_bnb4
 
     check_args(args)
-    table = load_sensitivity(args.calibration)
+    table = load_sensitivity(_sensitivity_file(args))
     src = ModelSource.open(args.model)
     if table["model"].get("hash") != store.model_hash(src):
         raise PlanError("the calibration was made for another model (hash mismatch); calibrate this model first",
@@ -63,6 +66,9 @@ def run(args: Any) -> int:
     if args.bpw is None and args.size_mb is None and args.like is None:
         raise InputError("give a size: --bpw, --size-mb or --like MIX")
     plan = _gguf_plan(args, src, table)
+    if args.optimize is not None:
+        for choice in plan.tensors.values():
+            choice.optimize = args.optimize
     plan.calibration = calib
     plan.model = _model_name(args.model, src)
     plan.notes = f"apply with: quantforge quantize MODEL --format gguf --plan {Path(args.output).name} -o OUT.gguf"
@@ -70,7 +76,8 @@ def run(args: Any) -> int:
     p = plan.predicted
     out(f"wrote {args.output}: {p['tensor_bytes']:,} tensor bytes ({p['bpw']:.4f} bpw, budget "
         f"{plan.budget['bytes']:,}), predicted KLD sum {p['kld_sum']:.4g}")
-    out(f"apply with: quantforge quantize MODEL --plan {args.output} -o OUT.gguf"
+    cal_arg = f" --calibration {folder}" if args.optimize not in (None, "rtn") else ""
+    out(f"apply with: quantforge quantize MODEL --plan {args.output}{cal_arg} -o OUT.gguf"
         + (f"  (with the calibration's imatrix, {folder / store.IMATRIX})" if "imatrix" in calib else ""))
     return 0
 
@@ -139,6 +146,21 @@ def check_args(args: Any) -> None:
         raise MissingFile("no such calibration folder (written by 'quantforge calibrate')", path=folder)
     _checks.output_file(args.output, args.force, example="plan.yaml")
     _checks.model(args.model, gguf=args.target == "gguf")
+
+
+def _sensitivity_file(args: Any) -> Any:
+    """The calibration's table measured under ``--optimize`` (the default rounding's without it)."""
+    from pathlib import Path
+
+    from quantforge.calibration import store
+    from quantforge.errors import MissingFile
+
+    name = store.sensitivity_files(args.optimize or "rtn")[0]
+    path = Path(args.calibration) / name
+    if args.optimize not in (None, "rtn") and not path.is_file():
+        raise MissingFile(f"no {name}; run 'quantforge calibrate MODEL --data F -o DIR --optimize {args.optimize}' "
+                          "first", path=args.calibration)
+    return path
 
 
 def _model_name(model_arg: str, src: Any) -> str:

@@ -34,10 +34,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--devices", default=None,
                    help="gguf: one process driving several devices, e.g. cuda:0,cuda:1 (one thread per device "
                         "encodes tensors; the file is written in order, byte-identical to one device)")
-    p.add_argument("--optimize", choices=("rtn", "gptq"), default=None,
+    p.add_argument("--optimize", choices=("rtn", "gptq", "tune"), default=None,
                    help="gguf: how codes are chosen inside each type's blocks: rtn = llama.cpp's rounding (default), "
                         "gptq = error feedback through the calibration inputs' second moments (needs --calibration; "
-                        "a plan may also record it per tensor)")
+                        "a plan may also record it per tensor), tune = gptq's codes and block scales refined "
+                        "further against the same layer output error (needs --calibration)")
     p.add_argument("--calibration", default=None,
                    help="gguf: calibration folder from 'quantforge calibrate --hessians' (hessians.safetensors; its "
                         "imatrix.gguf is used when --imatrix is not given)")
@@ -144,10 +145,10 @@ def _check_optimize(args: Any) -> None:
     if args.calibration is not None and not Path(args.calibration).is_dir():
         raise InputError("the calibration folder was not found (make one with 'quantforge calibrate ... "
                          "--hessians')", path=args.calibration)
-    if args.optimize == "gptq":
+    if args.optimize in ("gptq", "tune"):
         if args.calibration is None:
-            raise InputError("--optimize gptq needs --calibration DIR (from 'quantforge calibrate MODEL --data F "
-                             "-o DIR --hessians')")
+            raise InputError(f"--optimize {args.optimize} needs --calibration DIR (from 'quantforge calibrate MODEL "
+                             "--data F -o DIR --hessians')")
         if not (Path(args.calibration) / "hessians.safetensors").is_file():
             raise InputError("has no hessians.safetensors; run 'quantforge calibrate MODEL --data F -o DIR "
                              "--hessians' into it", path=args.calibration)

@@ -1,0 +1,115 @@
+"""Optimized-rounding speed on a Llama-3.1-8B-shaped checkpoint (``export_speed.py``'s random bf16 weights,
+SmolLM2 tokenizer): the input second moments ``XᵀX`` that ``calibrate --hessians`` saves, then ``quantize --type
+q4_k_m --optimize gptq --calibration DIR --device D``, each timed as its own process (wall time, peak RSS), with
+the default rounding's ``quantize --type q4_k_m`` in the same run as the anchor. Goal: ``gptq`` end to end
+(``XᵀX`` + quantize) under 10 minutes.
+
+    python benchmarks/rounding_speed.py --dir /tmp/l8b --tokenizer .bench/qlora/smollm2 \\
+        --data ../shared/data/wikitext-2/wiki.valid.raw [--device cuda] [--tokens 32768] [--ctx 512] \\
+        [--stages hessians,rtn,gptq] [--layers 32]
+
+The ``XᵀX`` stage runs :func:`quantforge.calibration.hessian_pass.calibrate_hessians`, the part of ``calibrate
+--hessians`` that gptq needs (the command also runs the sensitivity stage, which quantizing does not read); the
+file keeps the upper triangle of each input group's ``H`` in float32 (q/k/v share one, gate/up share one). The
+``gptq`` rounding weights its block searches by the Hessian, so no imatrix is passed to either quantize. Stages
+can be split over several calls (``--stages``); the checkpoint and the calibration folder in ``--dir`` are reused,
+and a stage's outputs are rewritten each time it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import measure, table  # noqa: E402
+from export_speed import LLAMA_8B, QF, build_checkpoint  # noqa: E402
+
+GOAL_S = 600.0
+STAGES = ("hessians", "rtn", "gptq")
+
+
+def hessian_bytes(cfg: dict) -> int:
+    """Bytes of the packed float32 file for ``cfg``: per layer q/k/v, o and gate/up (hidden²) and down
+    (intermediate²), upper triangles."""
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    return cfg["num_hidden_layers"] * 4 * (3 * h * (h + 1) // 2 + f * (f + 1) // 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/tmp/export-speed")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / ".bench" / "qlora" / "smollm2"))
+    ap.add_argument("--data", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.valid.raw")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    args = ap.parse_args()
+    import torch
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages):
+        raise SystemExit(f"--stages takes {', '.join(STAGES)}")
+    work = Path(args.dir)
+    cfg = {**LLAMA_8B, "num_hidden_layers": args.layers}
+    t0 = time.perf_counter()
+    model = build_checkpoint(work / "ckpt", cfg, Path(args.tokenizer),
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"checkpoint {model} ({time.perf_counter() - t0:.1f} s to build/check)", flush=True)
+    cal = work / "cal-hessians"
+    hess = cal / "hessians.safetensors"
+    rows: list[list[object]] = []
+    walls: dict[str, float] = {}
+    if "hessians" in stages:
+        shutil.rmtree(cal, ignore_errors=True)
+        code = ("import sys; from quantforge.calibration.hessian_pass import calibrate_hessians; "
+                "from quantforge.calibration.settings import CalibrationSettings; "
+                "r = calibrate_hessians(sys.argv[1], [sys.argv[2]], sys.argv[3], CalibrationSettings(tokens=int("
+                "sys.argv[4]), ctx=int(sys.argv[5])), device=sys.argv[6]); print(r['seconds'])")
+        cmd = [sys.executable, "-P", "-c", code, str(model), str(args.data), str(cal), str(args.tokens),
+               str(args.ctx), args.device]
+        wall, rss = measure(cmd)
+        size = hess.stat().st_size
+        walls["hessians"] = wall
+        rows.append([f"XᵀX ({args.tokens // args.ctx} x {args.ctx} tokens; calibrate_hessians)", round(wall, 1),
+                     round(rss), f"{size / 1e9:.2f} GB file (expected {hessian_bytes(cfg) / 1e9:.2f} GB packed, "
+                                 f"{2 * hessian_bytes(cfg) / 1e9:.1f} GB as full matrices)"])
+        print(rows[-1], flush=True)
+    for mode in ("rtn", "gptq"):
+        if mode not in stages:
+            continue
+        out = work / f"q4_k_m-{mode}.gguf"
+        out.unlink(missing_ok=True)
+        cmd = [*QF, "quantize", str(model), "--format", "gguf", "--type", "q4_k_m", "--device", args.device,
+               "-o", str(out), "--quiet", "--force"]
+        if mode == "gptq":
+            if not hess.is_file():
+                raise SystemExit(f"{hess} missing: run the hessians stage first")
+            cmd += ["--optimize", "gptq", "--calibration", str(cal)]
+        wall, rss = measure(cmd)
+        walls[mode] = wall
+        rows.append([f"quantize --type q4_k_m{' --optimize gptq' if mode == 'gptq' else ''}", round(wall, 1),
+                     round(rss), f"{out.stat().st_size / 1e9:.2f} GB GGUF"])
+        print(rows[-1], flush=True)
+        if mode == "gptq":
+            out.unlink()  # keeps the disk for the next call (the 8B checkpoint and XᵀX already take ~33 GB)
+    print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    print(table(["stage (own process)", "wall s", "peak RSS MiB", "output"], rows))
+    if "gptq" in walls:
+        base = f", {walls['gptq'] / walls['rtn']:.1f}x the default rounding's quantize" if "rtn" in walls else ""
+        print(f"gptq quantize {walls['gptq']:.0f} s{base}")
+    if "gptq" in walls and "hessians" in walls:
+        total = walls["gptq"] + walls["hessians"]
+        print(f"goal: gptq end to end (XᵀX + quantize) under {GOAL_S / 60:.0f} minutes: "
+              f"{'met' if total < GOAL_S else 'MISSED'} ({total / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
