@@ -198,16 +198,39 @@ def profile_run(model: Path, qtype: str, out: Path, device: str, imatrix: Path |
     return stats.table(wall)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_checkpoint_args(ap: argparse.ArgumentParser, calibration: bool = False) -> None:
+    """The options every 8B-shaped-checkpoint benchmark shares: where the checkpoint lives, its tokenizer, the
+    device and the layer count; with ``calibration``, the calibration text and its 64 x 512 tokens."""
     ap.add_argument("--dir", default="/tmp/export-speed")
     ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / ".bench" / "qlora" / "smollm2"))
-    ap.add_argument("--types", default="q4_k_m,q6_k,q8_0")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=32)
+    if calibration:
+        ap.add_argument("--data", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.valid.raw")
+        ap.add_argument("--tokens", type=int, default=32768)
+        ap.add_argument("--ctx", type=int, default=512)
+
+
+def checkpoint_from_args(args: argparse.Namespace) -> Path:
+    """The 8B-shaped checkpoint under ``args.dir`` (``args.layers`` layers), built once (on the GPU when there is
+    one) and reused; prints how long building or checking it took."""
+    import torch
+
+    t0 = time.perf_counter()
+    model = build_checkpoint(Path(args.dir) / "ckpt", {**LLAMA_8B, "num_hidden_layers": args.layers},
+                             Path(args.tokenizer), device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"checkpoint {model} ({time.perf_counter() - t0:.1f} s to build/check)", flush=True)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_checkpoint_args(ap)
+    ap.add_argument("--types", default="q4_k_m,q6_k,q8_0")
     ap.add_argument("--cpu-types", default="", help="also time these with --device cpu (all cores)")
     ap.add_argument("--llama", default="", help="mixes to run through llama.cpp's two steps as the anchor")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--profile", nargs="?", const="", default=None,
                     help="stage timers of an in-process run: of the first type, or of each type listed")
     ap.add_argument("--imatrix", type=Path, default=None,

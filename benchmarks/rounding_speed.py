@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure, table  # noqa: E402
-from export_speed import LLAMA_8B, QF, build_checkpoint  # noqa: E402
+from export_speed import QF, add_checkpoint_args, checkpoint_from_args  # noqa: E402
 
 GOAL_S = 600.0
 STAGES = ("hessians", "rtn", "gptq")
@@ -41,14 +40,7 @@ def hessian_bytes(cfg: dict) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dir", default="/tmp/export-speed")
-    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[1] / ".bench" / "qlora" / "smollm2"))
-    ap.add_argument("--data", type=Path,
-                    default=Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "wiki.valid.raw")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=32)
+    add_checkpoint_args(ap, calibration=True)
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     args = ap.parse_args()
     import torch
@@ -57,11 +49,7 @@ def main() -> None:
     if not stages or any(s not in STAGES for s in stages):
         raise SystemExit(f"--stages takes {', '.join(STAGES)}")
     work = Path(args.dir)
-    cfg = {**LLAMA_8B, "num_hidden_layers": args.layers}
-    t0 = time.perf_counter()
-    model = build_checkpoint(work / "ckpt", cfg, Path(args.tokenizer),
-                             device="cuda" if torch.cuda.is_available() else "cpu")
-    print(f"checkpoint {model} ({time.perf_counter() - t0:.1f} s to build/check)", flush=True)
+    model = checkpoint_from_args(args)
     cal = work / "cal-hessians"
     hess = cal / "hessians.safetensors"
     rows: list[list[object]] = []
