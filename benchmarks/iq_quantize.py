@@ -2,6 +2,7 @@
 ``ggml_quantize_chunk`` (the function ``llama-quantize`` runs per tensor), on the same tensors, 2 threads each.
 
     python benchmarks/iq_quantize.py [--repeats 3] [--types iq2_xxs,iq3_xxs,iq1_m] [--record]
+    python benchmarks/iq_quantize.py --whole IMATRIX.gguf [--repeats 3] [--types iq2_xxs,iq3_xxs,iq1_m] [--record]
 
 Tensors: the 30 ``mlp.down_proj`` weights of SmolLM2-135M-Instruct (plain fixture; 576 x 1536 each, the only
 SmolLM2 tensors whose rows are a multiple of 256), float32, with a log-normal imatrix (one per tensor, fixed
@@ -12,7 +13,13 @@ llama.cpp: ``ggml_quantize_chunk`` from llama-cpp-python's ``libggml-base``, row
 runs before timing. Every run checks that both sides give identical bytes. The table gives the minimum over
 alternating repeats (the machine is shared: the load average before and after the run is printed, and "ours cores
 busy" is our process CPU time over wall time, 2.0 when both threads ran all along); the goal is a ratio
-ours / llama.cpp <= 0.5.
+ours / llama.cpp <= 0.5. These are quantizer (kernel) timings on the tensors that take the type.
+
+``--whole IMATRIX`` times the commands a user runs instead, on the whole model, with a llama.cpp importance
+matrix of SmolLM2 (e.g. the ``llama-imatrix.gguf`` that ``benchmarks/iq_quality.py`` makes): ``quantforge quantize
+SMOLLM2 --format gguf --type T --imatrix IMATRIX`` (from the safetensors checkpoint, a fresh process, default
+threads) against ``llama-quantize --imatrix IMATRIX F16.gguf OUT T 2`` (built by ``benchmarks/build_llama_cpp.sh``;
+its f16 input is written once beforehand, untimed), alternating, and compares the two files tensor by tensor.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import device_line, record, table  # noqa: E402
+from _common import LLAMA_BIN, device_line, measure, record, table  # noqa: E402
 from helpers.reference import ggml_quantize  # noqa: E402
 
 SECTION = "Lattice i-quants: CPU quantize speed vs ggml_quantize_chunk"
+WHOLE_SECTION = "Lattice i-quant mixes: whole-model CPU quantize vs llama-quantize"
 
 
 def load_tensors() -> list[torch.Tensor]:
@@ -53,12 +61,59 @@ def ggml_two_threads(w: np.ndarray, ggml_type: int, im: np.ndarray, pool: Thread
     return np.concatenate(list(parts))
 
 
+def whole_model(imatrix: Path, types: list[str], repeats: int) -> str:
+    """The CLI against ``llama-quantize`` on the whole SmolLM2 model, 2 cores; returns the printed table."""
+    import tempfile
+
+    from quantforge import fixtures
+    from quantforge.exporters.gguf import export_gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cpu_quantize import identical_tensors
+
+    model = fixtures.smollm2("plain")
+    rows, notes = [], []
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = Path(tmp) / "f16.gguf"
+        export_gguf(model, f16, qtype="f16")
+        for name in types:
+            ours_out, llama_out = Path(tmp) / f"ours-{name}.gguf", Path(tmp) / f"llama-{name}.gguf"
+            ours_cmd = [sys.executable, "-P", "-m", "quantforge.cli.main", "quantize", str(model), "--format", "gguf",
+                        "--type", name, "--imatrix", str(imatrix), "-o", str(ours_out), "--force", "--quiet"]
+            llama_cmd = [str(LLAMA_BIN / "llama-quantize"), "--imatrix", str(imatrix), str(f16), str(llama_out),
+                         name.upper(), "2"]
+            ours_t, llama_t = [], []
+            for _ in range(repeats):
+                ours_t.append(measure(ours_cmd)[0])
+                llama_t.append(measure(llama_cmd)[0])
+            same, count = identical_tensors(ours_out, llama_out)
+            o, ref = min(ours_t), min(llama_t)
+            rows.append([name, o, ref, o / ref, f"{same}/{count}"])
+            notes.append(f"- {name}: ours {', '.join(f'{v:.2f}' for v in ours_t)} s; "
+                         f"llama-quantize {', '.join(f'{v:.2f}' for v in llama_t)} s")
+    loads = " / ".join(f"{a:.2f}, {b:.2f}, {c:.2f}" for a, b, c in (load_before, os.getloadavg()))
+    return (f"SmolLM2-135M-Instruct (plain), whole model, importance matrix `{imatrix.name}`; ours from the "
+            f"safetensors checkpoint (process start and imports included), llama-quantize from the f16 GGUF; "
+            f"minimum of {repeats} alternating runs; load average (1, 5, 15 min) before / after: {loads}.\n\n"
+            + table(["mix", "quantforge quantize s (min)", "llama-quantize s (min)", "ratio", "tensors identical"],
+                    rows) + "\n\n" + "\n".join(notes) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--types", default="iq2_xxs,iq3_xxs,iq1_m,iq1_s,iq2_xs")
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--whole", type=Path, default=None, metavar="IMATRIX",
+                    help="time the CLI on the whole model against llama-quantize, with this llama.cpp imatrix")
     args = ap.parse_args()
+    if args.whole is not None:
+        body = whole_model(args.whole, args.types.split(","), args.repeats)
+        print(body)  # noqa: T201
+        if args.record:
+            record(WHOLE_SECTION, "python benchmarks/iq_quantize.py " + " ".join(sys.argv[1:]), device_line(), body)
+        return
     torch.set_num_threads(2)
     from quantforge.formats import get_format
 
