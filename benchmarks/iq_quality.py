@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH, device_line, record, table  # noqa: E402
-from planner_quality import calibration_text, data_dir, kld_of, run, tensor_bytes, tool  # noqa: E402
+from planner_quality import calibration_text, data_dir, kld_of, quality_subject, run, tensor_bytes, tool  # noqa: E402
 
 # benchmarks/kernels.py would shadow Hugging Face's ``kernels`` package, which transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -53,16 +53,12 @@ def main() -> int:
     from quantforge.calibration.pipeline import CalibrationSettings, calibrate
     from quantforge.exporters.gguf import export_gguf
 
-    from quantforge import fixtures
     from quantforge.cli.main import main as qf
     from quantforge.plan import load_plan
 
     t_start = time.perf_counter()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = fixtures.smollm2("dithered")
+    work, model, data = quality_subject(args.work)
     d = data_dir()
-    data = [d / "wikitext-2" / "wiki.valid.raw", d / "calibration" / "c4_demo.jsonl"]
     ctx = 512
 
     f16 = work / "f16.gguf"

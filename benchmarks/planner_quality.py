@@ -49,6 +49,18 @@ def data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def quality_subject(work: str) -> tuple[Path, Path, list[Path]]:
+    """What the quality benchmarks share: the scratch folder (made if missing), the dithered SmolLM2 fixture and
+    the calibration texts (WikiText-2's validation split and the C4 sample)."""
+    from quantforge import fixtures
+
+    folder = Path(work)
+    folder.mkdir(parents=True, exist_ok=True)
+    d = data_dir()
+    texts = [d / "wikitext-2" / "wiki.valid.raw", d / "calibration" / "c4_demo.jsonl"]
+    return folder, fixtures.smollm2("dithered"), texts
+
+
 def tool(name: str) -> str:
     folder = Path(os.environ.get("LLAMA_CPP_BIN", LLAMA_BIN))
     path = folder / name
@@ -216,15 +228,11 @@ def main() -> int:
     from quantforge.calibration.pipeline import CalibrationSettings, calibrate
     from quantforge.exporters.gguf import export_gguf
 
-    from quantforge import fixtures
     from quantforge.cli.main import main as qf
 
     t_start = time.perf_counter()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = fixtures.smollm2("dithered")
+    work, model, data = quality_subject(args.work)
     d = data_dir()
-    data = [d / "wikitext-2" / "wiki.valid.raw", d / "calibration" / "c4_demo.jsonl"]
     ctx = 512
     timings: dict[str, float] = {}
 

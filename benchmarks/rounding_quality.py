@@ -32,7 +32,8 @@ from pathlib import Path
 _HERE = str(Path(__file__).resolve().parent)
 sys.path.insert(0, _HERE)
 from _common import BENCH, device_line, record, table  # noqa: E402
-from planner_quality import FTYPES, calibration_text, data_dir, kld_of, run, tensor_bytes, tool  # noqa: E402
+from planner_quality import (  # noqa: E402
+    FTYPES, calibration_text, data_dir, kld_of, quality_subject, run, tensor_bytes, tool)
 
 # benchmarks/kernels.py would shadow Hugging Face's ``kernels`` package, which transformers imports lazily
 while _HERE in sys.path:
@@ -135,14 +136,9 @@ def main() -> int:
     from quantforge.calibration.settings import CalibrationSettings
     from quantforge.exporters.gguf import export_gguf
 
-    from quantforge import fixtures
-
     t_start = time.perf_counter()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = fixtures.smollm2("dithered")
+    work, model, data = quality_subject(args.work)
     d = data_dir()
-    data = [d / "wikitext-2" / "wiki.valid.raw", d / "calibration" / "c4_demo.jsonl"]
     ctx, holdout = 512, 512
     timings: dict[str, float] = {}
 
