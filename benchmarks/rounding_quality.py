@@ -6,7 +6,9 @@ of the same name, at identical size (same type per tensor), on the dithered Smol
 Steps (all on this machine's CPU):
 
 1. our f16 GGUF of the model (the base for llama.cpp's tools and the KLD reference);
-2. calibration text: the chunks our calibration takes from wiki.valid.raw + c4_demo.jsonl (8192 tokens);
+2. calibration text: the chunks our calibration takes from wiki.valid.raw + c4_demo.jsonl (65536 tokens by
+   default: error feedback fits the inputs' correlations, which 8192 tokens estimate poorly for 1536-wide
+   inputs; llama.cpp gets the same tokens);
    llama-imatrix on their decoded text (the importance matrix both sides use), and our input second moments
    ``XᵀX`` from the same chunks (``calibrate_hessians``);
 3. per mix: llama.cpp's file (``llama-quantize --imatrix``), ours with ``optimize="gptq"`` and the same imatrix,
@@ -118,7 +120,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(BENCH / "rounding"), help="scratch folder (cached between runs)")
     ap.add_argument("--mixes", default="q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--eval-chunks", type=int, default=8, help="512-token chunks of each evaluation text")
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens, both sides (default 65536)")
     ap.add_argument("--anchor", action="store_true", help="also our default rounding (expected to equal llama.cpp)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")

@@ -15,7 +15,9 @@ def add_parser(sub: Any) -> None:
                    help="calibration text: plain text, JSONL with a text field, or chat/instruction JSONL "
                         "(rendered with the model's chat template); repeat for several files")
     p.add_argument("-o", "--output", required=True, help="calibration folder (results are cached there)")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the imatrix (default 8192)")
+    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the imatrix and XᵀX (default 8192; for 'quantize --optimize "
+                        "gptq|tune' use 65536 or more: error feedback fits the inputs' correlations, which few tokens "
+                        "estimate poorly)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--holdout-tokens", type=int, default=512,
                    help="held-out tokens for the sensitivity measurements (default 512)")

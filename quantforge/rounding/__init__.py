@@ -4,6 +4,9 @@ with the codes (and super-scales) chosen to lower the layer's output error rathe
 Modes: ``rtn`` (the type's default rounding, byte-exact with llama.cpp) and ``gptq`` (:mod:`.gptq`, error
 feedback through the inverse of the inputs' second-moment matrix saved by calibration, :mod:`.hessians`), and
 ``tune`` (:mod:`.tune`, ``gptq``'s codes and block scales refined further against the same output error).
+``gptq`` covers the k-quants, the legacy types, ``q8_0``, ``iq4_nl`` / ``iq4_xs`` (feedback per column) and the
+lattice i-quants ``iq1_s`` ... ``iq3_s`` (:mod:`.lattice`, feedback per 256-weight super-block); ``tune`` covers
+the types with consecutive integer codes and gives ``gptq``'s rounding to the others.
 """
 
 import functools
@@ -19,8 +22,8 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     plan's choices) does not name, ``hessians`` the calibration's ``hessians.safetensors`` (``cache``: a
     :class:`.gptq.FactorCache` to share factors with other calls). A weight keeps the
     default rounding where the mode cannot apply: no recorded input (token embedding, output head, norms,
-    stacked experts) or a type whose codes are lattice indices or floats; ``tune`` gives ``gptq``'s rounding to
-    the types it does not cover (``iq4_nl``, ``iq4_xs``).
+    stacked experts) or a type without codes to choose (floats, the ternary ``tq`` types); ``tune`` gives
+    ``gptq``'s rounding to the types it does not cover (``iq4_nl``, ``iq4_xs`` and the lattice i-quants).
     """
     from ..errors import InputError
 
@@ -39,6 +42,7 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     from .gptq import FactorCache, GptqRounder
     from .grids import SUPPORTED
     from .hessians import Hessians
+    from .lattice import covers as lattice_covers
     from .tune import SecondMoments, TuneRounder, covers
 
     store = Hessians(hessians)
@@ -47,7 +51,7 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     out: dict[str, object] = {}
     for name in wanted:
         group = store.group_of(name)
-        if types[name] not in SUPPORTED or group is None:
+        if (types[name] not in SUPPORTED and not lattice_covers(types[name])) or group is None:
             continue
         out[name] = GptqRounder(get_format(types[name]), functools.partial(store.for_tensor, name), group, cache)
         if modes[name] == "tune" and covers(types[name]):

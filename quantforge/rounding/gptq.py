@@ -19,7 +19,9 @@ kept:
 
 The output is an ordinary block of the type (only codes and scale values differ from the default rounding), so
 every GGUF reader decodes it. Rows are independent in the math; the bytes are reproducible for the same row
-chunks on the same device (a batched matmul may round differently for another number of rows).
+chunks on the same device (a batched matmul may round differently for another number of rows). The lattice
+i-quants (IQ1_S ... IQ3_S), whose codes are not per weight, are rounded by :mod:`.lattice` (feedback per
+256-weight super-block) through the same :class:`GptqRounder`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 from ..errors import InputError
 from ..formats import QuantFormat
 from .grids import CodeGrid, affine, get_f16, grid_for, set_f16, with_codes
+from .lattice import covers as lattice_covers
+from .lattice import lattice_rows
 
 DAMP = 0.01
 """Damping added to ``H``'s diagonal, as a fraction of its mean (GPTQ's default; 0.03 raised the KL divergence
@@ -243,11 +247,14 @@ class FactorCache:
 class GptqRounder:
     """``quantize(rows, imatrix)`` for one weight with error feedback from its inputs' ``H`` (loaded by ``load``
     when first needed; its factor is shared through ``cache`` under ``group``) for every row chunk and thread.
-    ``weighting`` is :func:`gptq_rows`'s; under ``"imatrix"`` a missing imatrix is ``diag H``."""
+    ``weighting`` is :func:`gptq_rows`'s; under ``"imatrix"`` a missing imatrix is ``diag H``. Lattice i-quants
+    go through :func:`.lattice.lattice_rows` (its searches weighted by the imatrix, or by ``1 / U_jj²`` under
+    ``"hessian"``)."""
 
     def __init__(self, fmt: QuantFormat, load: Callable[[], torch.Tensor], group: str,
                  cache: FactorCache | None = None, refit: bool = True, weighting: str = "imatrix") -> None:
-        grid_for(fmt.name)
+        if not lattice_covers(fmt.name):
+            grid_for(fmt.name)
         self.fmt, self.load, self.group, self.refit, self.weighting = fmt, load, group, refit, weighting
         self.cache = cache or FactorCache()
 
@@ -271,5 +278,10 @@ class GptqRounder:
             if self.group not in self.cache.diagonals:
                 self.cache.diagonals[self.group] = torch.diagonal(self.load()).clamp(min=0).cpu()
             imatrix = self.cache.diagonals[self.group]
+        if lattice_covers(self.fmt.name):
+            if self.weighting not in ("hessian", "imatrix"):
+                raise InputError(f"weighting must be 'hessian' or 'imatrix', got {self.weighting!r}")
+            qw = imatrix if self.weighting == "imatrix" else 1.0 / torch.diagonal(factor) ** 2
+            return lattice_rows(weight, self.fmt, factor, qw.to(weight.device), refit=self.refit)
         return gptq_rows(weight, self.fmt, factor, None if imatrix is None else imatrix.to(weight.device),
                          refit=self.refit, weighting=self.weighting)

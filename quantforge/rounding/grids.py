@@ -145,7 +145,8 @@ SUPPORTED = tuple(_GRIDS)
 
 
 def grid_for(name: str) -> CodeGrid:
-    """The :class:`CodeGrid` of type ``name``; types whose codes are lattice indices (IQ1-IQ3) are refused."""
+    """The :class:`CodeGrid` of type ``name``; types whose codes are lattice indices (IQ1-IQ3, rounded per
+    super-block by :mod:`.lattice` instead) are refused."""
     if name not in _GRIDS:
         raise UnsupportedFormat(f"optimized rounding supports {', '.join(SUPPORTED)}; not {name}")
     values, pack, d_at, dmin_at = _GRIDS[name]
