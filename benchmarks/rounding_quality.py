@@ -93,7 +93,7 @@ def plan_files(model: Path, data: list[Path], args: argparse.Namespace, work: Pa
     out: dict[str, Path] = {}
     for mode in [m.strip() for m in args.plan_modes.split(",") if m.strip()]:
         t0 = time.perf_counter()
-        settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=512, rounding=mode)
+        settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=args.holdout, rounding=mode)
         if calibrate(model, data, cal, settings, force=True).sensitivity_reused:
             reused.append(f"sensitivity ({mode})")
         else:
@@ -121,6 +121,8 @@ def main() -> int:
     ap.add_argument("--mixes", default="q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--eval-chunks", type=int, default=8, help="512-token chunks of each evaluation text")
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens, both sides (default 65536)")
+    ap.add_argument("--holdout", type=int, default=512,
+                    help="held-out tokens of the dynamic plans' sensitivity measurements (calibrate --holdout-tokens)")
     ap.add_argument("--anchor", action="store_true", help="also our default rounding (expected to equal llama.cpp)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
@@ -141,7 +143,7 @@ def main() -> int:
     t_start = time.perf_counter()
     work, model, data = quality_subject(args.work)
     d = data_dir()
-    ctx, holdout = 512, 512
+    ctx, holdout = 512, args.holdout
     timings: dict[str, float] = {}
 
     f16 = work / "f16.gguf"
@@ -243,10 +245,11 @@ def main() -> int:
              + (" AutoRound rows: its own GGUF writer and q4_k_m mix rules (size and tensor types in the MB column, "
                 f"not forced equal), {args.tokens} calibration tokens as {n_chunks} x {ctx}-token sequences (ours), "
                 "CPU." if sizes else "")
-             + (" Dynamic plan rows: our calibration (same chunks; its own imatrix, hold-out 512 tokens, sampled "
-                "KLD measurements) with the sensitivity measured under the row's rounding mode, 'quantforge plan "
-                "--size-mb <llama.cpp q4_k_m tensor MB> --optimize MODE', written by our exporter; tensor types "
-                "differ from llama.cpp's by design (size at most llama.cpp's, checked)." if plan_sizes else ""))
+             + (f" Dynamic plan rows: our calibration (same chunks; its own imatrix, hold-out {args.holdout} "
+                "tokens, sampled KLD measurements) with the sensitivity measured under the row's rounding mode, "
+                "'quantforge plan --size-mb <llama.cpp q4_k_m tensor MB> --optimize MODE', written by our exporter; "
+                "tensor types differ from llama.cpp's by design (size at most llama.cpp's, checked)."
+                if plan_sizes else ""))
     if args.note:
         body += " " + args.note
     print(body)
