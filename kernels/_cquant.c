@@ -1459,6 +1459,27 @@ typedef uint16_t vu16 __attribute__((vector_size(2 * IQ_LANES)));
 /* Lanes of a where mask m is set (all ones), else of b. */
 #define VSEL(m, a, b) ((vf16)(((m) & (vi16)(a)) | (~(m) & (vi16)(b))))
 
+/* The IQ_LANES point words of one step of a neighbour list, widened to lanes. */
+INL vi16 lane_words(const uint16_t *lw)
+{
+    vu16 raw;
+    memcpy(&raw, lw, sizeof raw);
+    return __builtin_convertvector(raw, vi16);
+}
+
+/* One list step's lane errors acc (the first m lanes live, their point indices at idx) folded into the running least
+ * (best, gi), the first lane on ties; branch-free, as the outcome is data-dependent. */
+INL void keep_least(vf16 acc, int32_t m, const uint16_t *idx, float *best, i64 *gi)
+{
+    float d2[IQ_LANES];
+    memcpy(d2, &acc, sizeof d2);
+    for (int32_t j = 0; j < m; j++) {
+        const int better = d2[j] < *best;
+        *best = better ? d2[j] : *best;
+        *gi = better ? idx[j] : *gi;
+    }
+}
+
 /* The neighbour of least error (err as err_table makes it) in the neighbour block blk of an off-lattice key of a
  * dim 8 lattice, the first on ties: the reference's loop over the neighbour list with a strict `<` from +inf (the
  * first neighbour when none is below +inf). Levels are 0..2, at bits 2i and 2i+1 of a point's word; the lists (up to
@@ -1471,21 +1492,13 @@ INL i64 best_neighbour(const uint16_t *blk, const float *err)
     i64 gi = lw[IQ_LANES];
     for (int32_t c = 0; c < cnt; c += IQ_LANES, lw += 2 * IQ_LANES) {
         const int32_t m = cnt - c < IQ_LANES ? cnt - c : IQ_LANES;
-        vu16 raw;
-        memcpy(&raw, lw, sizeof raw);
-        const vi16 w = __builtin_convertvector(raw, vi16);
+        const vi16 w = lane_words(lw);
         vf16 acc = VZERO;
         for (int i = 0; i < 8; i++) {
             const vi16 hi = (w & (2 << (2 * i))) != 0, lo = (w & (1 << (2 * i))) != 0;
             acc += VSEL(hi, VZERO + err[16 + i], VSEL(lo, VZERO + err[8 + i], VZERO + err[i]));
         }
-        float d2[IQ_LANES];
-        memcpy(d2, &acc, sizeof d2);
-        for (int32_t j = 0; j < m; j++) {
-            const int better = d2[j] < best; /* branch-free: the outcome is data-dependent */
-            best = better ? d2[j] : best;
-            gi = better ? lw[IQ_LANES + j] : gi;
-        }
+        keep_least(acc, m, lw + IQ_LANES, &best, &gi);
     }
     return gi;
 }
@@ -1500,19 +1513,11 @@ INL i64 best_neighbour4(const uint16_t *blk, const vf16 *tab)
     i64 gi = lw[IQ_LANES];
     for (int32_t c = 0; c < cnt; c += IQ_LANES, lw += 2 * IQ_LANES) {
         const int32_t m = cnt - c < IQ_LANES ? cnt - c : IQ_LANES;
-        vu16 raw;
-        memcpy(&raw, lw, sizeof raw);
-        const vi16 w = __builtin_convertvector(raw, vi16);
+        const vi16 w = lane_words(lw);
         vf16 acc = VZERO;
         for (int i = 0; i < 4; i++)
             acc += __builtin_shuffle(tab[i], (w >> (3 * i)) & 7);
-        float d2[IQ_LANES];
-        memcpy(d2, &acc, sizeof d2);
-        for (int32_t j = 0; j < m; j++) {
-            const int better = d2[j] < best; /* branch-free: the outcome is data-dependent */
-            best = better ? d2[j] : best;
-            gi = better ? lw[IQ_LANES + j] : gi;
-        }
+        keep_least(acc, m, lw + IQ_LANES, &best, &gi);
     }
     return gi;
 }
