@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.rounding import correlated_layer
 
 from quantforge.formats import get_format
 from quantforge.rounding.gptq import DAMP, GptqRounder, gptq_rows, inverse_factor, refit_super_scales
 from quantforge.rounding.grids import SUPPORTED, affine, grid_for, with_codes
-
-
-def correlated_layer(n: int, rows: int = 16, tokens: int = 512, seed: int = 0):
-    """A random weight and inputs whose columns are correlated and unevenly scaled (as transformer activations)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.eye(n) + 2.0 * torch.randn(n, n, generator=g) / n ** 0.5
-    x = (torch.randn(tokens, n, generator=g) @ mix) * torch.exp(torch.randn(n, generator=g))
-    w = torch.randn(rows, n, generator=g) * 0.02
-    return w, x
 
 
 @pytest.mark.parametrize("name", SUPPORTED)

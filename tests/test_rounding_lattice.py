@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_rounding import correlated_layer
+from helpers.rounding import correlated_layer
 
 from quantforge.formats import get_format
 from quantforge.rounding.gptq import GptqRounder, inverse_factor

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.rounding import correlated_layer
 
 from quantforge.formats import get_format
 from quantforge.rounding.gptq import GptqRounder
@@ -13,15 +14,6 @@ from quantforge.rounding.grids import SUPPORTED
 from quantforge.rounding.tune import TuneRounder, covers, damped, row_errors, tune_rows
 
 COVERED = [name for name in SUPPORTED if covers(name)]
-
-
-def correlated_layer(n: int, rows: int = 16, tokens: int = 2048, seed: int = 0):
-    """A random weight and inputs whose columns are correlated and unevenly scaled (as transformer activations)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.eye(n) + 2.0 * torch.randn(n, n, generator=g) / n ** 0.5
-    x = (torch.randn(tokens, n, generator=g) @ mix) * torch.exp(torch.randn(n, generator=g))
-    w = torch.randn(rows, n, generator=g) * 0.02
-    return w, x
 
 
 def test_covered_types():
@@ -37,7 +29,7 @@ TUNE_VS_GPTQ = 0.90
 @pytest.mark.parametrize("name", COVERED)
 def test_tune_output_error_is_below_default_and_gptq(name):
     fmt = get_format(name)
-    w, x = correlated_layer(256)
+    w, x = correlated_layer(256, tokens=2048)
     h = x.t() @ x / x.shape[0]
     imatrix = (x * x).mean(dim=0)
     gptq = GptqRounder(fmt, lambda: h, "g")
@@ -66,7 +58,7 @@ def test_no_row_ends_above_its_start(name):
     """With the sign-gradient phase on and no exact passes, and with both, every row's error is at most its
     start's (the gradient phase alone may leave a row unchanged, never worse)."""
     fmt = get_format(name)
-    w, x = correlated_layer(256, seed=2)
+    w, x = correlated_layer(256, tokens=2048, seed=2)
     h = x.t() @ x / x.shape[0]
     start = fmt.quantize(w, torch.diagonal(h))
     e0 = row_errors(w, fmt.dequantize(start), h)
@@ -79,7 +71,7 @@ def test_no_row_ends_above_its_start(name):
 @pytest.mark.parametrize("name", ["q4_k", "q5_0"])
 def test_tune_is_deterministic(name):
     fmt = get_format(name)
-    w, x = correlated_layer(256, rows=12, seed=3)
+    w, x = correlated_layer(256, rows=12, tokens=2048, seed=3)
     h = x.t() @ x / x.shape[0]
     start = fmt.quantize(w, torch.diagonal(h))
     a = tune_rows(w, fmt, h, start, iters=10, sweeps=2)

@@ -127,18 +127,24 @@ def test_gptq_export_is_byte_identical_across_runs(tiny, calibrated, files, tmp_
     assert again.read_bytes() == files["gptq-q4_k_m"].read_bytes()
 
 
-def test_plan_applies_optimize_per_tensor(tiny, calibrated, files, tmp_path):
+def _check_plan_mode(mode, tiny, calibrated, files, tmp_path):
+    """A plan that sets ``mode`` on one tensor of a q4_k_m base: that tensor gets the mode's bytes from the uniform
+    file of that mode, every other tensor the default rounding's."""
     from quantforge.plan import load_plan
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("version: 1\ntarget: gguf\nbase_type: q4_k_m\ntensors:\n"
-                    "  blk.0.attn_output.weight: {type: q4_k, optimize: gptq}\n")
-    assert load_plan(plan).optimize_modes() == {"blk.0.attn_output.weight": "gptq"}
+                    f"  blk.0.attn_output.weight: {{type: q4_k, optimize: {mode}}}\n")
+    assert load_plan(plan).optimize_modes() == {"blk.0.attn_output.weight": mode}
     out = export_gguf(tiny, tmp_path / "plan.gguf", plan=plan, hessians=calibrated / "hessians.safetensors")
-    got, ours, rtn = _tensors(out), _tensors(files["gptq-q4_k_m"]), _tensors(files["rtn-q4_k_m"])
+    got, ours, rtn = _tensors(out), _tensors(files[f"{mode}-q4_k_m"]), _tensors(files["rtn-q4_k_m"])
     for name, t in got.items():
         want = ours[name] if name == "blk.0.attn_output.weight" else rtn[name]
         assert np.array_equal(np.asarray(t.data), np.asarray(want.data)), name
+
+
+def test_plan_applies_optimize_per_tensor(tiny, calibrated, files, tmp_path):
+    _check_plan_mode("gptq", tiny, calibrated, files, tmp_path)
 
 
 def test_plan_rejects_an_unknown_mode(tmp_path):
@@ -178,17 +184,8 @@ def test_tune_export_is_byte_identical_across_runs(tiny, calibrated, files, tmp_
 
 def test_plan_applies_tune_per_tensor_and_cli_accepts_it(tiny, calibrated, files, tmp_path, capsys):
     from quantforge.cli.main import main
-    from quantforge.plan import load_plan
 
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("version: 1\ntarget: gguf\nbase_type: q4_k_m\ntensors:\n"
-                    "  blk.0.attn_output.weight: {type: q4_k, optimize: tune}\n")
-    assert load_plan(plan).optimize_modes() == {"blk.0.attn_output.weight": "tune"}
-    out = export_gguf(tiny, tmp_path / "plan.gguf", plan=plan, hessians=calibrated / "hessians.safetensors")
-    got, ours, rtn = _tensors(out), _tensors(files["tune-q4_k_m"]), _tensors(files["rtn-q4_k_m"])
-    for name, t in got.items():
-        want = ours[name] if name == "blk.0.attn_output.weight" else rtn[name]
-        assert np.array_equal(np.asarray(t.data), np.asarray(want.data)), name
+    _check_plan_mode("tune", tiny, calibrated, files, tmp_path)
     cli = tmp_path / "cli.gguf"
     assert main(["quantize", str(tiny), "--type", "q4_k_m", "--optimize", "tune", "--calibration", str(calibrated),
                  "-o", str(cli)]) == 0
