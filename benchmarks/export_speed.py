@@ -5,7 +5,7 @@ followed by ``llama-quantize`` in the same run as the anchor, and the tensors of
 
     python benchmarks/export_speed.py --dir /tmp/l8b --tokenizer .bench/qlora/smollm2 [--types q4_k_m,q6_k,q8_0]
         [--device cuda] [--cpu-types q4_k_m] [--llama q4_k_m] [--layers 32] [--profile [TYPES]]
-        [--imatrix FILE --types iq2_xxs --llama iq2_xxs]
+        [--cold-types q4_k_m] [--imatrix FILE|synthetic --types iq2_xxs --llama iq2_xxs]
 
 The checkpoint is built once (on the GPU when there is one) and reused. A cold run first drops the page cache
 (``/proc/sys/vm/drop_caches`` when permitted, else ``posix_fadvise(DONTNEED)`` on every shard after ``fsync``);
@@ -15,8 +15,9 @@ for each type of a comma-separated list.
 
 The i-quant mixes that llama.cpp makes only with an importance matrix (:data:`IMATRIX_MIXES`) take it from
 ``--imatrix FILE`` (the ``imatrix.gguf`` that ``quantforge calibrate`` writes, e.g. through
-``benchmarks/calibrate_speed.py``); both sides get the same file (``quantize --imatrix``, ``llama-quantize
---imatrix``, which reads that GGUF imatrix format).
+``benchmarks/calibrate_speed.py``) or, where only speed is measured, ``--imatrix synthetic`` (one log-normal vector
+per tensor); both sides get the same file (``quantize --imatrix``, ``llama-quantize --imatrix``, which reads that
+GGUF imatrix format). llama.cpp's converter runs once; each ``--llama`` mix quantizes its bf16 file.
 """
 
 from __future__ import annotations
@@ -155,21 +156,52 @@ def ours(model: Path, qtype: str, out: Path, device: str, env: dict | None = Non
                     "-o", str(out), "--force", "--quiet", *extra], env=env)
 
 
-def llama_cpp(model: Path, qtype: str, work: Path, threads: int,
-              imatrix: Path | None = None) -> tuple[float, float, float, Path]:
-    """``convert_hf_to_gguf.py --outtype bf16`` then ``llama-quantize`` (with ``--imatrix`` when given):
-    (convert s, quantize s, peak RSS MiB, file)."""
-    env = {"PYTHONPATH": os.pathsep.join([str(LLAMA_SRC), str(LLAMA_SRC / "gguf-py")]),
-           "LD_LIBRARY_PATH": str(LLAMA_BIN)}
+def llama_convert(model: Path, work: Path) -> tuple[float, float, Path]:
+    """``convert_hf_to_gguf.py --outtype bf16``: (s, peak RSS MiB, file). One conversion serves every mix."""
     bf16 = work / "llama-bf16.gguf"
-    c_s, c_rss = measure([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
-                          "--outfile", str(bf16)], env=env)
+    s, rss = measure([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(model), "--outtype", "bf16",
+                      "--outfile", str(bf16)], env=_llama_env())
+    return s, rss, bf16
+
+
+def llama_quantize(bf16: Path, qtype: str, work: Path, threads: int,
+                   imatrix: Path | None = None) -> tuple[float, float, Path]:
+    """``llama-quantize`` of the converter's bf16 file (with ``--imatrix`` when given): (s, peak RSS MiB, file)."""
     out = work / f"llama-{qtype}.gguf"
     extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
-    q_s, q_rss = measure([str(LLAMA_BIN / "llama-quantize"), *extra, str(bf16), str(out), qtype.upper(),
-                          str(threads)], env=env)
-    bf16.unlink()
-    return c_s, q_s, max(c_rss, q_rss), out
+    s, rss = measure([str(LLAMA_BIN / "llama-quantize"), *extra, str(bf16), str(out), qtype.upper(), str(threads)],
+                     env=_llama_env())
+    return s, rss, out
+
+
+def _llama_env() -> dict:
+    return {"PYTHONPATH": os.pathsep.join([str(LLAMA_SRC), str(LLAMA_SRC / "gguf-py")]),
+            "LD_LIBRARY_PATH": str(LLAMA_BIN)}
+
+
+def synthetic_imatrix(model: Path, out: Path) -> Path:
+    """A log-normal importance vector for every 2-D weight of ``model`` under its GGUF name (1 chunk), written as
+    llama.cpp's GGUF imatrix: what the i-quant mixes need when only their speed is measured."""
+    import numpy as np
+
+    from quantforge.arch import arch_for, gguf_name
+    from quantforge.imatrix import Imatrix, ImatrixEntry, save_imatrix_gguf
+    from quantforge.model_source import ModelSource
+
+    src = ModelSource.open(model)
+    spec = arch_for(src.model_type)
+    rng = np.random.default_rng(0)
+    entries = {}
+    for name in src.tensors:
+        shape = src.tensors[name].shape
+        g = gguf_name(spec, name)
+        if g is None or len(shape) != 2 or g == "token_embd.weight":
+            continue
+        v = (rng.random(shape[1]) * np.exp(2 * rng.standard_normal(shape[1]))).astype(np.float32)
+        entries[g] = ImatrixEntry(v.reshape(1, -1) * 512, np.array([512.0], dtype=np.float32))
+    src.close()
+    save_imatrix_gguf(Imatrix(entries, ["synthetic"], 1, 512), out)
+    return out
 
 
 def compare_tensors(a: Path, b: Path) -> tuple[int, int, list[str]]:
@@ -228,13 +260,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_checkpoint_args(ap)
     ap.add_argument("--types", default="q4_k_m,q6_k,q8_0")
+    ap.add_argument("--cold-types", default=None,
+                    help="the types also timed with a cold page cache (default: all of --types)")
     ap.add_argument("--cpu-types", default="", help="also time these with --device cpu (all cores)")
     ap.add_argument("--llama", default="", help="mixes to run through llama.cpp's two steps as the anchor")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--profile", nargs="?", const="", default=None,
                     help="stage timers of an in-process run: of the first type, or of each type listed")
-    ap.add_argument("--imatrix", type=Path, default=None,
-                    help=f"importance matrix (imatrix.gguf of `quantforge calibrate`) for {', '.join(IMATRIX_MIXES)}")
+    ap.add_argument("--imatrix", default=None,
+                    help=f"importance matrix (imatrix.gguf of `quantforge calibrate`) for {', '.join(IMATRIX_MIXES)};"
+                         " 'synthetic' writes one log-normal vector per tensor (speed only: both sides get it)")
     ap.add_argument("--check", action="store_true",
                     help="first check on a small checkpoint that the pipelined file equals the serial and CPU files")
     ap.add_argument("--anchor-s", type=float, default=139.0,
@@ -256,21 +291,29 @@ def main() -> None:
     gb = sum(p.stat().st_size for p in shards) / 1e9
     print(f"checkpoint {model}: {gb:.2f} GB in {len(shards)} shards ({time.perf_counter() - t0:.1f} s to build/check)",
           flush=True)
+    if args.imatrix == "synthetic":
+        args.imatrix = synthetic_imatrix(model, work / "synthetic-imatrix.gguf")
+        print(f"imatrix: synthetic, {args.imatrix}", flush=True)
+    elif args.imatrix is not None:
+        args.imatrix = Path(args.imatrix)
     rows, outputs = [], {}
     types = [t for t in args.types.split(",") if t]
+    cold_types = types if args.cold_types is None else [t for t in args.cold_types.split(",") if t]
     for qtype in types:
         imatrix_for(qtype, args.imatrix)
     for qtype in types:
         out = work / f"ours-{qtype}.gguf"
         imat = imatrix_for(qtype, args.imatrix)
-        how = drop_page_cache(shards)
-        cold, cold_rss = ours(model, qtype, out, args.device, imatrix=imat)
+        if qtype in cold_types:
+            how = drop_page_cache(shards)
+            cold, cold_rss = ours(model, qtype, out, args.device, imatrix=imat)
+            rows.append([qtype, args.device, f"cold ({how})", cold, cold_rss, out.stat().st_size / 1e9])
         warm_page_cache(shards)
         warm, warm_rss = ours(model, qtype, out, args.device, imatrix=imat)
         outputs[qtype] = out
-        rows.append([qtype, args.device, f"cold ({how})", cold, cold_rss, out.stat().st_size / 1e9])
         rows.append([qtype, args.device, "warm", warm, warm_rss, out.stat().st_size / 1e9])
-        print(table(["type", "device", "page cache", "s", "peak RSS MiB", "file GB"], rows[-2:]), flush=True)
+        print(table(["type", "device", "page cache", "s", "peak RSS MiB", "file GB"],
+                    rows[-2 if qtype in cold_types else -1:]), flush=True)
     if args.profile is not None:
         for qtype in [t for t in args.profile.split(",") if t] or types[:1]:
             warm_page_cache(shards)
@@ -287,16 +330,23 @@ def main() -> None:
         print(f"cpu {qtype}: {s:.1f} s, RSS {rss:.0f} MiB, same bytes as {args.device}: {same}", flush=True)
         out.unlink()
     anchor_rows = []
-    for qtype in [t for t in args.llama.split(",") if t]:
+    llama_types = [t for t in args.llama.split(",") if t]
+    if llama_types:
         warm_page_cache(shards)
-        c_s, q_s, rss, theirs = llama_cpp(model, qtype, work, args.threads, imatrix_for(qtype, args.imatrix))
+        c_s, c_rss, bf16 = llama_convert(model, work)
+        print(f"llama.cpp convert_hf_to_gguf.py --outtype bf16: {c_s:.1f} s, RSS {c_rss:.0f} MiB", flush=True)
+    for qtype in llama_types:
+        q_s, q_rss, theirs = llama_quantize(bf16, qtype, work, args.threads, imatrix_for(qtype, args.imatrix))
         n, same, diff = compare_tensors(outputs[qtype], theirs) if qtype in outputs else (0, 0, ["(no ours)"])
         ours_warm = next(r[3] for r in rows if r[0] == qtype and r[2] == "warm" and r[1] == args.device)
-        anchor_rows.append([qtype, c_s, q_s, c_s + q_s, rss, ours_warm, (c_s + q_s) / ours_warm, f"{same}/{n}",
-                            ", ".join(diff) or "-"])
+        anchor_rows.append([qtype, c_s, q_s, c_s + q_s, max(c_rss, q_rss), ours_warm, (c_s + q_s) / ours_warm,
+                            f"{same}/{n}", ", ".join(diff[:6]) + (f" (+{len(diff) - 6})" if len(diff) > 6 else "")
+                            or "-"])
         print(table(["type", "convert bf16 s", "llama-quantize s", "llama.cpp total s", "peak RSS MiB",
                      "ours warm s", "speed-up", "identical tensors", "differ"], anchor_rows[-1:]), flush=True)
         theirs.unlink()
+    if llama_types:
+        bf16.unlink()
     print()
     print(f"Llama-3.1-8B-shaped ({args.layers} layers, vocab {cfg['vocab_size']}), {gb:.2f} GB bf16 in "
           f"{len(shards)} shards")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table  # noqa: E402
-from export_speed import IMATRIX_MIXES, LLAMA_8B, build_checkpoint, ours, profile_run, warm_page_cache  # noqa: E402
+from export_speed import (IMATRIX_MIXES, LLAMA_8B, build_checkpoint, ours, profile_run,  # noqa: E402
+                          synthetic_imatrix, warm_page_cache)
 
 
 def _heavy(rows: int, n: int, seed: int, device: str):
@@ -197,30 +198,6 @@ def _mmap_copy(mm, src, n: int, chunk: int) -> float:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(put, range(n)))
     return time.perf_counter() - t0
-
-
-def synthetic_imatrix(model: Path, out: Path) -> Path:
-    """A log-normal importance vector for every 2-D weight of ``model`` under its GGUF name (1 chunk)."""
-    import numpy as np
-
-    from quantforge.arch import arch_for, gguf_name
-    from quantforge.imatrix import Imatrix, ImatrixEntry, save_imatrix_gguf
-    from quantforge.model_source import ModelSource
-
-    src = ModelSource.open(model)
-    spec = arch_for(src.model_type)
-    rng = np.random.default_rng(0)
-    entries = {}
-    for name in src.tensors:
-        shape = src.tensors[name].shape
-        g = gguf_name(spec, name)
-        if g is None or len(shape) != 2 or g == "token_embd.weight":
-            continue
-        v = (rng.random(shape[1]) * np.exp(2 * rng.standard_normal(shape[1]))).astype(np.float32)
-        entries[g] = ImatrixEntry(v.reshape(1, -1) * 512, np.array([512.0], dtype=np.float32))
-    src.close()
-    save_imatrix_gguf(Imatrix(entries, ["synthetic"], 1, 512), out)
-    return out
 
 
 def _step(label: str, fn, *args):
