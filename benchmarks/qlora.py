@@ -16,7 +16,7 @@ as ``quantforge train --base-format gguf --plan`` does) against its NF4 path on 
 and rank; the GGUF comparison alone::
 
     python -P benchmarks/qlora.py --assets .bench/qlora --workdir /tmp/qlora --skip-curve --skip-speed --gguf \
-        --batches 1 8 --gguf-profile 8
+        --batches 1 8 --gguf-profile 8 [--gguf-repeats 3]
 
 Prints tables (tokens/s, peak GiB, ratios) and writes them to ``--json`` if given.
 """
@@ -428,11 +428,15 @@ def gguf_vs_nf4(args, path: Path, work: Path, results: dict) -> None:
         log(f"{label}: loaded in {arm['load_s']:.1f}s, {arm['held_gib']:.2f} GiB, projections {arm['types']}; "
             f"base copies vs codec: {', '.join(arm['checks'])}")
         for b in args.batches:
-            tps, pk, losses = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ, args.steps)
-            if not all(map(math.isfinite, losses)):
-                raise SystemExit(f"{label} {SEQ}x{b}: non-finite loss {losses}")
-            arm["runs"][b] = {"tps": tps, "gib": pk, "losses": losses}
-            log(f"{label} {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB, losses {[round(x, 4) for x in losses]}")
+            reps = []
+            for _ in range(args.gguf_repeats):
+                tps, pk, losses = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ,
+                                           args.steps)
+                if not all(map(math.isfinite, losses)):
+                    raise SystemExit(f"{label} {SEQ}x{b}: non-finite loss {losses}")
+                reps.append(tps)
+                log(f"{label} {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB, losses {[round(x, 4) for x in losses]}")
+            arm["runs"][b] = {"tps": sorted(reps)[len(reps) // 2], "gib": pk, "losses": losses, "repeats": reps}
         if args.gguf_profile:
             wall, events = profiled_step(model, args.gguf_profile, vocab)
             groups: dict[str, float] = {}
@@ -467,6 +471,11 @@ def print_gguf(res: dict) -> None:
         a, g = nf4["runs"][b], (gg or {}).get("runs", {}).get(b)
         ratios = f"{g['tps'] / a['tps']:.3f} | {g['gib'] / a['gib']:.3f}" if g else "- | -"
         log(f"| {SEQ} x {b} | {cell(nf4, b)} | {cell(gg, b)} | {ratios} |")
+    for arm in arms.values():
+        for b, r in arm.get("runs", {}).items():
+            if len(r.get("repeats", [])) > 1:
+                log(f"{arm['label']} {SEQ} x {b}, each timed run: {', '.join(f'{t:,.0f}' for t in r['repeats'])} "
+                    "tok/s (median in the table)")
     if nf4 and gg and "profile" in nf4 and "profile" in gg:
         p, q = nf4["profile"], gg["profile"]
         log(f"\nprofiled step {SEQ} x {p['batch']} (GPU ms per kernel group; wall {p['wall_ms']:.0f} vs "
@@ -589,6 +598,8 @@ def main() -> int:
                     help="profile one step at 2048 x BATCH first and print where the GPU time goes")
     ap.add_argument("--gguf", action="store_true",
                     help="also train on the q4_k_m plan's GGUF layout against NF4 (same --batches and --steps)")
+    ap.add_argument("--gguf-repeats", type=int, default=1,
+                    help="with --gguf: timed runs per arm and batch (the table shows their median)")
     ap.add_argument("--gguf-profile", type=int, default=0, metavar="BATCH",
                     help="with --gguf: profile one step at 2048 x BATCH per arm (time per kernel group)")
     ap.add_argument("--json", default=None)

@@ -33,6 +33,7 @@ def main() -> int:
 
     import torch
 
+    from quantforge.exporters.gguf.pipeline import chunk_elems_for
     from quantforge.exporters.gguf.writer import CHUNK_ELEMS
     from quantforge.formats import get_format
     from quantforge.rounding.gptq import FactorCache, GptqRounder
@@ -64,7 +65,7 @@ def main() -> int:
         gptq = GptqRounder(fmt, lambda h=h: h, name, FactorCache())
         tune = TuneRounder(fmt, lambda h=h: h, name, GptqRounder(fmt, lambda h=h: h, name, FactorCache()),
                            SecondMoments(), sweeps=sweeps)
-        step = max(1, CHUNK_ELEMS // n)
+        step = max(1, chunk_elems_for(dev, CHUNK_ELEMS) // n)
         imatrix = torch.diagonal(h).clone()
         times = {}
         for label, rounder in (("gptq", gptq), ("tune", tune)):
