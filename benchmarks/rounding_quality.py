@@ -15,6 +15,9 @@ Steps (all on this machine's CPU):
    and (``--anchor``) ours with the default rounding and that imatrix (llama.cpp's codecs reimplemented: should
    match llama.cpp's KLD);
    ours with ``optimize="tune"`` (gptq's codes and block scales refined against the same output error);
+   for the ``--sequential`` mixes, ours with ``optimize="gptq"`` on sequential statistics (``calibrate
+   --sequential MIX``: inputs from the already-quantized layers, targets corrected towards the float model's
+   outputs), with llama.cpp's importance matrix as every other row;
    for q4_k_m (``--autoround``) AutoRound's ``gguf:q4_k_m`` export in its rounding-only (``iters=0``) and tuned
    (default iters) modes, fed the same calibration chunks (``benchmarks/autoround_gguf.py``, its own process);
 4. mean KLD of every file against the f16 base with ``llama-perplexity --kl-divergence`` on two texts: 512-token
@@ -75,6 +78,38 @@ def autoround_files(model: Path, data: list[Path], args: argparse.Namespace, wor
     return out
 
 
+def sequential_file(model: Path, data: list[Path], args: argparse.Namespace, work: Path, mix: str, imatrix: Path,
+                    timings: dict[str, float], reused: list[str]) -> Path:
+    """Our ``mix`` with gptq on sequential statistics (``calibrate --sequential MIX``: each linear's inputs from the
+    already-quantized layers before it, its target corrected to match the float model's output), in its own
+    calibration folder holding llama.cpp's importance matrix (the one every row quantizes with)."""
+    import shutil
+
+    from quantforge.calibration.sequential import FILE, calibrate_sequential
+    from quantforge.calibration.settings import CalibrationSettings
+    from quantforge.exporters.gguf import export_gguf
+    from quantforge.rounding.hessians import read_key
+
+    folder = work / f"seq-{mix}"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "imatrix.gguf").is_file() or (folder / "imatrix.gguf").read_bytes() != imatrix.read_bytes():
+        shutil.copy(imatrix, folder / "imatrix.gguf")
+    settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=args.holdout)
+    res = calibrate_sequential(model, data, folder, settings, qtype=mix, mode="gptq")
+    if res["reused"]:
+        reused.append(f"sequential statistics ({mix})")
+    else:
+        timings[f"{mix} sequential statistics"] = res["seconds"]
+    path = work / f"ours-{mix}-seq-gptq-{read_key(folder / FILE)[:10]}.gguf"
+    if path.is_file():
+        reused.append(path.name)
+    else:
+        t0 = time.perf_counter()
+        export_gguf(model, path, qtype=mix, imatrix=imatrix, optimize="gptq", hessians=folder / FILE)
+        timings[f"{mix} sequential gptq"] = time.perf_counter() - t0
+    return path
+
+
 def plan_files(model: Path, data: list[Path], args: argparse.Namespace, work: Path, ref_bytes: int,
                timings: dict[str, float], reused: list[str]) -> dict[str, Path]:
     """Our dynamic plan at ``ref_bytes`` of tensor data for each ``--plan-modes`` rounding mode: calibrate with the
@@ -130,6 +165,9 @@ def main() -> int:
     ap.add_argument("--no-tune", action="store_true", help="leave out our tuned mode (optimize='tune')")
     ap.add_argument("--autoround", default="0,200",
                     help="AutoRound iters to run for q4_k_m (0: its rounding-only mode, 200: its default tuning); "
+                         "'' for none")
+    ap.add_argument("--sequential", default="q4_k_m",
+                    help="mixes that also get a row with gptq on sequential statistics (calibrate --sequential); "
                          "'' for none")
     ap.add_argument("--plan-modes", default="rtn,gptq",
                     help="q4_k_m: our dynamic plan at llama.cpp's q4_k_m tensor size, planned and written under each "
@@ -196,6 +234,8 @@ def main() -> int:
             else:
                 reused.append(path.name)
             files[label] = path
+        if mix in [m.strip() for m in args.sequential.split(",") if m.strip()]:
+            files["sequential gptq"] = sequential_file(model, data, args, work, mix, imatrix, timings, reused)
         ref_bytes, ref_types = tensor_bytes(ref)
         foreign = autoround_files(model, data, args, work, timings, reused) if mix == "q4_k_m" else {}
         files.update(foreign)

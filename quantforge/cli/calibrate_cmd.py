@@ -15,7 +15,8 @@ def add_parser(sub: Any) -> None:
                    help="calibration text: plain text, JSONL with a text field, or chat/instruction JSONL "
                         "(rendered with the model's chat template); repeat for several files")
     p.add_argument("-o", "--output", required=True, help="calibration folder (results are cached there)")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens for the imatrix and XᵀX (default 8192; for 'quantize --optimize "
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="calibration tokens for the imatrix and XᵀX (default 8192; for 'quantize --optimize "
                         "gptq|tune' use 65536 or more: error feedback fits the inputs' correlations, which few tokens "
                         "estimate poorly)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
@@ -37,6 +38,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--hessians", action="store_true",
                    help="also save the inputs' second moments XᵀX per linear input (hessians.safetensors, one "
                         "n x n float32 matrix per input group) for 'quantize --optimize gptq' and 'tune'")
+    p.add_argument("--sequential", default=None, metavar="TYPE|PLAN",
+                   help="also save the statistics of the quantized model's own inputs for the GGUF mix TYPE (or "
+                        "plan file PLAN) and the --optimize mode (gptq when rtn): each linear is rounded, layer "
+                        "after layer, to make its output on those inputs match the float model's "
+                        "(sequential.safetensors, which 'quantize --optimize' then prefers; slower than --hessians)")
     p.add_argument("--optimize", choices=("rtn", "gptq", "tune"), default="rtn",
                    help="rounding the sensitivity measurements quantize each candidate with, as 'quantize --optimize' "
                         "will (default rtn); another mode also saves hessians.safetensors and writes its own table "
@@ -83,6 +89,10 @@ def check_args(args: Any) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("is a file; the calibration output is a folder", path=out_dir)
     parse_candidates(args.candidates)
+    if args.sequential and not Path(args.sequential).is_file():
+        from quantforge.presets import get_mix
+
+        get_mix(args.sequential)
     _checks.model(args.model)
     import importlib.util
 
@@ -93,6 +103,8 @@ def check_args(args: Any) -> None:
 
 
 def _run(args: Any, group: Any) -> int:
+    from pathlib import Path
+
     from quantforge.calibration import store
     from quantforge.calibration.candidates import parse_candidates
     from quantforge.calibration.pipeline import CalibrationSettings, calibrate
@@ -111,6 +123,16 @@ def _run(args: Any, group: Any) -> int:
                                                         progress=progress))
         if group.is_main:
             out(f"{'reused' if hess['reused'] else 'wrote'} {hess['path']}")
+    if args.sequential:
+        from quantforge.calibration.sequential import calibrate_sequential
+
+        target = {"plan": args.sequential} if Path(args.sequential).is_file() else {"qtype": args.sequential}
+        seq = group.on_main(lambda: calibrate_sequential(
+            args.model, args.data, args.output, settings, **target,
+            mode=args.optimize if args.optimize != "rtn" else "gptq", device=args.device,
+            batch_size=args.batch_size, progress=progress))
+        if group.is_main:
+            out(f"{'reused' if seq['reused'] else 'wrote'} {seq['path']}")
     if not group.is_main:
         return 0
     if result.sensitivity_reused:

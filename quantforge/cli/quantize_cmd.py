@@ -40,7 +40,8 @@ def add_parser(sub: Any) -> None:
                         "a plan may also record it per tensor), tune = gptq's codes and block scales refined "
                         "further against the same layer output error (needs --calibration)")
     p.add_argument("--calibration", default=None,
-                   help="gguf: calibration folder from 'quantforge calibrate --hessians' (hessians.safetensors; its "
+                   help="gguf: calibration folder from 'quantforge calibrate --hessians' or '--sequential TYPE' "
+                        "(sequential.safetensors when present, else hessians.safetensors; its "
                         "imatrix.gguf is used when --imatrix is not given)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=run)
@@ -82,7 +83,16 @@ def _calibration_files(args: Any) -> dict[str, Any]:
     imatrix = args.imatrix
     if imatrix is None and (folder / "imatrix.gguf").is_file():
         imatrix = folder / "imatrix.gguf"
-    return {"imatrix": imatrix, "hessians": folder / "hessians.safetensors"}
+    return {"imatrix": imatrix, "hessians": _second_moments(folder) or folder / "hessians.safetensors"}
+
+
+def _second_moments(folder: Any) -> Any:
+    """The calibration folder's input statistics for ``--optimize``: ``sequential.safetensors`` (made for one
+    type or plan by ``calibrate --sequential``) when there is one, else ``hessians.safetensors``, else None."""
+    for name in ("sequential.safetensors", "hessians.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _write_other(args: Any) -> Any:
@@ -149,6 +159,6 @@ def _check_optimize(args: Any) -> None:
         if args.calibration is None:
             raise InputError(f"--optimize {args.optimize} needs --calibration DIR (from 'quantforge calibrate MODEL "
                              "--data F -o DIR --hessians')")
-        if not (Path(args.calibration) / "hessians.safetensors").is_file():
+        if _second_moments(Path(args.calibration)) is None:
             raise InputError("has no hessians.safetensors; run 'quantforge calibrate MODEL --data F -o DIR "
-                             "--hessians' into it", path=args.calibration)
+                             "--hessians' (or '--sequential TYPE') into it", path=args.calibration)

@@ -23,7 +23,9 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     :class:`.gptq.FactorCache` to share factors with other calls). A weight keeps the
     default rounding where the mode cannot apply: no recorded input (token embedding, output head, norms,
     stacked experts) or a type without codes to choose (floats, the ternary ``tq`` types); ``tune`` gives
-    ``gptq``'s rounding to the types it does not cover (``iq4_nl``, ``iq4_xs`` and the lattice i-quants).
+    ``gptq``'s rounding to the types it does not cover (``iq4_nl``, ``iq4_xs`` and the lattice i-quants). A
+    sequential file (``sequential.safetensors``) adds each group's correction (:class:`CompensatedRounder`); it
+    must have been made for the same type of every weight it covers.
     """
     from ..errors import InputError
 
@@ -38,14 +40,19 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     if hessians is None:
         raise InputError(f"--optimize {modes[wanted[0]]} needs --calibration DIR with hessians.safetensors "
                          "('quantforge calibrate MODEL --data F -o DIR --hessians')")
-    from ..formats import get_format
-    from .gptq import FactorCache, GptqRounder
+    from .gptq import FactorCache
     from .grids import SUPPORTED
     from .hessians import Hessians
     from .lattice import covers as lattice_covers
-    from .tune import SecondMoments, TuneRounder, covers
+    from .tune import SecondMoments
 
     store = Hessians(hessians)
+    if store.types:
+        differ = [n for n in wanted if n in store.types and store.types[n] != types[n]]
+        if differ:
+            raise InputError(f"{store.path.name} was made for other tensor types ({differ[0]}: "
+                             f"{store.types[differ[0]]}, here {types[differ[0]]}; {len(differ)} tensors differ); "
+                             "run 'quantforge calibrate --sequential' again with this type or plan")
     cache = cache or FactorCache()
     moments = SecondMoments()
     out: dict[str, object] = {}
@@ -53,11 +60,42 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
         group = store.group_of(name)
         if (types[name] not in SUPPORTED and not lattice_covers(types[name])) or group is None:
             continue
-        out[name] = GptqRounder(get_format(types[name]), functools.partial(store.for_tensor, name), group, cache)
-        if modes[name] == "tune" and covers(types[name]):
-            out[name] = TuneRounder(get_format(types[name]), functools.partial(store.for_tensor, name), group,
-                                    out[name], moments, tokens=store.tokens.get(group))
+        out[name] = make_rounder(types[name], modes[name], functools.partial(store.for_tensor, name), group, cache,
+                                 moments, store.tokens.get(group))
+        if store.has_correction(name):
+            out[name] = CompensatedRounder(out[name], functools.partial(store.correction_for, name), group, moments)
     return out
+
+
+def make_rounder(fmt: str, mode: str, load: object, group: str, cache: object = None, moments: object = None,
+                 tokens: int | None = None) -> object:
+    """The ``quantize(rows, imatrix)`` callable of mode ``gptq`` or ``tune`` for type ``fmt``, with the inputs'
+    ``H`` from ``load()`` (shared under ``group`` through ``cache`` / ``moments``); ``tune`` gives ``gptq``'s
+    rounding to the types it does not cover."""
+    from ..formats import get_format
+    from .gptq import FactorCache, GptqRounder
+    from .tune import SecondMoments, TuneRounder, covers
+
+    rounder: object = GptqRounder(get_format(fmt), load, group, cache or FactorCache())
+    if mode == "tune" and covers(fmt):
+        rounder = TuneRounder(get_format(fmt), load, group, rounder, moments or SecondMoments(), tokens=tokens)
+    return rounder
+
+
+class CompensatedRounder:
+    """Rounds ``W + W D`` instead of ``W``: the target that makes the output on the quantized model's inputs match
+    the float model's (``D`` of the weight's input group from a sequential calibration, loaded by ``load`` and
+    shared through ``moments`` under ``group``); ``inner`` is the mode's rounder, fitted to those inputs' ``H``."""
+
+    def __init__(self, inner: object, load: object, group: str, moments: object) -> None:
+        self.inner, self.load, self.key, self.moments = inner, load, "correction:" + group, moments
+
+    def __call__(self, weight: object, imatrix: object = None) -> object:
+        import torch
+
+        d = self.moments.get(self.key, self.load, weight.device)
+        w = weight.to(torch.float32)
+        return self.inner(torch.addmm(w, w, d), imatrix)
 
 
 class ModeRounders:

@@ -5,8 +5,6 @@ follow a plan's per-tensor ``optimize`` choices; the input second moments come f
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from quantforge.calibration.hessian_pass import calibrate_hessians
@@ -21,23 +19,9 @@ pytest.importorskip("llama_cpp")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
     """A 2-layer Llama with 256-wide rows (so the K types apply) and SmolLM2's tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers.rounding import tiny_llama
 
-    out = tmp_path_factory.mktemp("tiny") / "llama"
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.rand_like(p) * 0.5 + 0.75 if "norm" in name else torch.randn_like(p) * 0.1)
-    model.to(torch.bfloat16).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (smollm2_dir / name).is_file():
-            shutil.copy(smollm2_dir / name, out / name)
-    return out
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", smollm2_dir)
 
 
 @pytest.fixture(scope="module")
