@@ -175,3 +175,24 @@ def test_tune_mode_and_missing_imatrix(calibrated, tmp_path):
     out = export_gguf(calibrated["model"], tmp_path / "tune.gguf", qtype="q4_k_m", optimize="tune",
                       hessians=tmp_path / FILE, imatrix=tmp_path / "imatrix.gguf")
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_plan_sets_types_and_modes(calibrated, tmp_path):
+    """With a plan, each tensor is rounded in the loop with the plan's type and mode; the file records the types of
+    the tensors the mode rounds (a tensor the plan keeps at the default rounding is left out) and the exporter
+    writes the plan from it."""
+    import shutil
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\ntarget: gguf\nbase_type: q4_k_m\ntensors:\n"
+                    "  blk.0.ffn_down.weight: {type: q8_0, optimize: gptq}\n"
+                    "  blk.1.attn_q.weight: {type: q3_k, optimize: rtn}\n")
+    shutil.copy(calibrated["folder"] / "imatrix.gguf", tmp_path / "imatrix.gguf")
+    calibrate_sequential(calibrated["model"], [calibrated["text"]], tmp_path, CalibrationSettings(**SETTINGS),
+                         plan=plan)
+    h = Hessians(tmp_path / FILE)
+    assert h.types["blk.0.ffn_down.weight"] == "q8_0" and "blk.1.attn_q.weight" not in h.types
+    assert len(h.types) == 13
+    out = export_gguf(calibrated["model"], tmp_path / "plan.gguf", plan=plan, optimize="gptq",
+                      hessians=tmp_path / FILE, imatrix=tmp_path / "imatrix.gguf")
+    assert out.read_bytes()[:4] == b"GGUF"
