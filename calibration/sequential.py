@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import InputError, InternalError, MissingFile
 from . import store
+from .candidates import fake_quantize
 from .hooks import linear_modules, swapped_weight
 from .refs import Contexts, batches
 from .runner import DecoderRunner
@@ -215,15 +216,15 @@ class _Rounding:
 
         fmt = get_format(self.types[name])
         heads = archmod.qk_heads(self.spec, self.hf[name], self.cfg)
-        rows = archmod.permute_rows(target, heads) if heads else target
-        im = self.imat.for_tensor(name) if self.imat is not None and fmt.takes_imatrix else None
-        im = None if im is None else torch.as_tensor(im, dtype=torch.float32, device=rows.device)
+        rows = (archmod.permute_rows(target, heads) if heads else target).contiguous()
+        im = self.imat.for_tensor(name) if self.imat is not None else None
         if name in self.optimized:
+            im = None if im is None or not fmt.takes_imatrix else torch.as_tensor(im, dtype=torch.float32,
+                                                                                  device=rows.device)
             rounder = make_rounder(fmt.name, self.modes[name], lambda: h, group, FactorCache(), tokens=tokens)
-            packed = rounder(rows.contiguous(), im)
+            deq = fmt.dequantize(rounder(rows, im)).reshape(rows.shape)
         else:
-            packed = fmt.quantize(rows.contiguous(), im)
-        deq = fmt.dequantize(packed).reshape(rows.shape)
+            deq = fake_quantize(rows, fmt.name, im)
         return archmod.unpermute_rows(deq, heads) if heads else deq
 
 
@@ -236,11 +237,9 @@ def _quantized_rows(weight: Any, fmt: str | None, rows: int = 4096) -> Any:
 
     if fmt is None or get_format(fmt).family is Family.FLOAT:
         return None
-    q = get_format(fmt)
     out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     for r0 in range(0, weight.shape[0], rows):
-        part = weight[r0:r0 + rows].to(torch.float32)
-        out[r0:r0 + rows] = q.dequantize(q.quantize(part, None)).reshape(part.shape)
+        out[r0:r0 + rows] = fake_quantize(weight[r0:r0 + rows], fmt)
     return out
 
 
