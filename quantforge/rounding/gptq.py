@@ -34,6 +34,7 @@ import torch
 
 from ..errors import InputError
 from ..formats import QuantFormat
+from ..kernels.feedback import feedback_block
 from .grids import CodeGrid, affine, get_f16, grid_for, set_f16, with_codes
 from .lattice import covers as lattice_covers
 from .lattice import lattice_rows
@@ -68,14 +69,6 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
         raise InputError("the input second-moment matrix is not positive semi-definite; recalibrate")
     hinv = torch.cholesky_inverse(L)
     return torch.linalg.cholesky(hinv, upper=True).to(torch.float32)
-
-
-def _nearest(grid: CodeGrid, t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Index of the grid value nearest to ``t`` (int64)."""
-    if grid.uniform:
-        return (t.round() - values[0]).clamp_(0, len(grid.values) - 1).to(torch.int64)
-    mids = (values[1:] + values[:-1]) * 0.5
-    return torch.bucketize(t, mids)
 
 
 def _weighted_fit(basis: list[torch.Tensor], target: torch.Tensor,
@@ -156,7 +149,7 @@ def gptq_rows(weight: torch.Tensor, fmt: QuantFormat, factor: torch.Tensor, imat
     ``weighting``: what weights the block searches and the refit, ``"hessian"`` (``1 / U_jj²``) or ``"imatrix"``
     (``imatrix`` ``(n,)``, llama.cpp's per-column mean of squared inputs; unused otherwise). Each lazy batch of
     columns is held transposed (one contiguous row per column); a block's candidates run side by side as extra
-    rows."""
+    rows, through :func:`~quantforge.kernels.feedback.feedback_block` (one Triton launch per block on CUDA)."""
     if weighting not in ("hessian", "imatrix") or (weighting == "imatrix" and imatrix is None):
         raise InputError(f"weighting must be 'hessian' or 'imatrix' (with an imatrix), got {weighting!r}")
     grid = grid_for(fmt.name)
@@ -184,19 +177,8 @@ def gptq_rows(weight: torch.Tensor, fmt: QuantFormat, factor: torch.Tensor, imat
             cand = blocks if M == 1 else set_f16(blocks.repeat(M, 1), grid.d_at,
                                                  get_f16(blocks, grid.d_at).repeat(M) * mult)
             s, o = (t.t().contiguous() for t in affine(grid, cand))
-            safe = torch.where(s != 0, s, torch.ones_like(s))
             Wb = Wt[c0 - b0:c1 - b0].repeat(1, M)  # (bs, M R)
-            codes = torch.empty((bs, M * R), dtype=torch.int64, device=W.device)
-            eb = torch.empty((bs, M * R), dtype=torch.float32, device=W.device)
-            for k in range(bs):
-                j = c0 + k
-                w = Wb[k]
-                idx = _nearest(grid, torch.where(s[k] != 0, (w - o[k]) / safe[k], 0.0), values)
-                codes[k] = idx
-                e = (w - (s[k] * values[idx] + o[k])) / U[j, j]
-                eb[k] = e
-                if k + 1 < bs:
-                    Wb[k + 1:].addmm_(U[j, j + 1:c1, None], e[None, :], alpha=-1.0)
+            codes, eb = feedback_block(Wb, s, o, U[c0:c1, c0:c1], values, grid.uniform)
             if M > 1:
                 cost = (eb * eb).sum(0).view(M, R)
                 best = cost.argmin(0)
