@@ -150,3 +150,12 @@ def assign_types(jobs: list[TensorJob], qtype: str, shape: ModelShape, has_imatr
                               "without an importance matrix, as in llama-quantize; pass --imatrix")
     for j in jobs:
         j.fmt = types[j.gguf_name]
+
+
+def typed_jobs(src: ModelSource, spec: archmod.ArchSpec, qtype: str, has_imatrix: bool,
+               plan_types: dict[str, str] | None = None) -> list[TensorJob]:
+    """The GGUF's tensors, each with the type ``quantize --type qtype`` (or a plan's ``plan_types`` over that base
+    mix) writes it in: the one resolution the writer, the trainer's GGUF layout and the calibration share."""
+    jobs = plan_tensors(src, spec)
+    assign_types(jobs, qtype, model_shape(src, jobs), has_imatrix, plan_types)
+    return jobs

@@ -5,7 +5,7 @@ the bytes of the GGUF file, so the adapter learns against the weights llama.cpp 
 
 * :class:`GgufPlanLayout`: a ``target: gguf`` plan (per-tensor types, a base mix for the rest, its recorded
   importance matrix) applied in memory with the registry quantizers, on the training device. Types are assigned
-  by :func:`quantforge.tensor_layout.assign_types` and rows encoded in the file's row order, as
+  by :func:`quantforge.tensor_layout.typed_jobs` and rows encoded in the file's row order, as
   ``quantforge quantize --plan`` does, so the bytes held equal the bytes that command writes.
 * :class:`GgufFileLayout`: a GGUF file (ours or llama.cpp's) read directly; its tensor types are the layout.
 
@@ -134,20 +134,19 @@ class GgufPlanLayout:
         """Assign every GGUF tensor its type as the GGUF writer does; a plan for another model fails here."""
         from ..imatrix import load_imatrix
         from ..presets import get_mix
-        from ..tensor_layout import assign_types, model_shape, plan_tensors
+        from ..tensor_layout import typed_jobs
 
         if self.plan.target != "gguf":
             raise PlanError(f"--base-format gguf takes a gguf plan, got target {self.plan.target!r}",
                             path=self.source)
         self._spec = resolve_arch(src.model_type, src.text_config)
         self._cfg = src.text_config
-        jobs = plan_tensors(src, self._spec)
         path = self.imatrix or plan_imatrix_path(self.plan, self.source)
         self.imatrix = str(path) if path is not None else None
         self._imat = load_imatrix(path) if path is not None else None
         mix = get_mix(self.plan.base_type or "f16")
         try:
-            assign_types(jobs, mix.name, model_shape(src, jobs), self._imat is not None, self.plan.gguf_types())
+            jobs = typed_jobs(src, self._spec, mix.name, self._imat is not None, self.plan.gguf_types())
         except PlanError as exc:
             hint = "; was the plan made for another model?" if "does not have" in str(exc) else ""
             raise PlanError(f"{exc}{hint}", path=self.source) from exc

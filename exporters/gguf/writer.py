@@ -24,7 +24,7 @@ from ...formats import get_format
 from ...io import atomic_file, check_output
 from ...model_source import ModelSource
 from ...presets import get_mix
-from ...tensor_layout import TensorJob, assign_types, model_shape, plan_tensors
+from ...tensor_layout import TensorJob, typed_jobs
 from .tokenizer import write_tokenizer
 
 Progress = Callable[..., Iterable[Any]]
@@ -317,7 +317,6 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
 
     mix = get_mix(qtype)
     spec = resolve_arch(src.model_type, src.text_config)
-    jobs = plan_tensors(src, spec)
     group = current()
     plan_types = None
     plan_modes: dict[str, str] = {}
@@ -336,7 +335,7 @@ def write_gguf(src: ModelSource, output: str | os.PathLike[str], qtype: str = "f
         from ...imatrix import load_imatrix
 
         imat = group.on_main(lambda: load_imatrix(imatrix))  # rank 0 reads it: the file need not be on every node
-    assign_types(jobs, mix.name, model_shape(src, jobs), imat is not None, plan_types)
+    jobs = typed_jobs(src, spec, mix.name, imat is not None, plan_types)
     n_vocab = jobs[0].shape[0]
     group.on_main(lambda: check_output(output, force))
     device = group.local_device(device)
