@@ -321,11 +321,13 @@ def main() -> None:
             print(profile_run(model, qtype, work / "profile.gguf", args.device, imatrix_for(qtype, args.imatrix)),
                   flush=True)
             (work / "profile.gguf").unlink(missing_ok=True)
+    cpu_s: dict[str, float] = {}
     for qtype in [t for t in args.cpu_types.split(",") if t]:
         warm_page_cache(shards)
         out = work / f"ours-cpu-{qtype}.gguf"
         s, rss = ours(model, qtype, out, "cpu", imatrix=imatrix_for(qtype, args.imatrix))
         same = qtype in outputs and out.read_bytes() == outputs[qtype].read_bytes()
+        cpu_s[qtype] = s
         rows.append([qtype, f"cpu ({os.cpu_count()} cores)", "warm", s, rss, out.stat().st_size / 1e9])
         print(f"cpu {qtype}: {s:.1f} s, RSS {rss:.0f} MiB, same bytes as {args.device}: {same}", flush=True)
         out.unlink()
@@ -339,11 +341,13 @@ def main() -> None:
         q_s, q_rss, theirs = llama_quantize(bf16, qtype, work, args.threads, imatrix_for(qtype, args.imatrix))
         n, same, diff = compare_tensors(outputs[qtype], theirs) if qtype in outputs else (0, 0, ["(no ours)"])
         ours_warm = next(r[3] for r in rows if r[0] == qtype and r[2] == "warm" and r[1] == args.device)
+        on_cpu = f"{cpu_s[qtype]:.1f} s = {cpu_s[qtype] / (c_s + q_s):.2f}x" if qtype in cpu_s else "-"
         anchor_rows.append([qtype, c_s, q_s, c_s + q_s, max(c_rss, q_rss), ours_warm, (c_s + q_s) / ours_warm,
-                            f"{same}/{n}", ", ".join(diff[:6]) + (f" (+{len(diff) - 6})" if len(diff) > 6 else "")
+                            on_cpu, f"{same}/{n}", ", ".join(diff[:6]) + (f" (+{len(diff) - 6})" if len(diff) > 6 else "")
                             or "-"])
         print(table(["type", "convert bf16 s", "llama-quantize s", "llama.cpp total s", "peak RSS MiB",
-                     "ours warm s", "speed-up", "identical tensors", "differ"], anchor_rows[-1:]), flush=True)
+                     "ours warm s", "speed-up", "ours --device cpu / llama.cpp",
+                     "identical tensors", "differ"], anchor_rows[-1:]), flush=True)
         theirs.unlink()
     if llama_types:
         bf16.unlink()
@@ -354,7 +358,8 @@ def main() -> None:
     if anchor_rows:
         print()
         print(table(["type", "convert bf16 s", "llama-quantize s", "llama.cpp total s", "peak RSS MiB",
-                     "ours warm s", "speed-up", "identical tensors", "differ"], anchor_rows))
+                     "ours warm s", "speed-up", "ours --device cpu / llama.cpp",
+                     "identical tensors", "differ"], anchor_rows))
     else:
         print(f"\nanchor: llama.cpp's convert_hf_to_gguf.py --outtype bf16 + llama-quantize q4_k_m, "
               f"{args.anchor_s:.0f} s measured in an EARLIER run on this machine kind (not this run)")

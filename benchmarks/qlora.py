@@ -13,7 +13,8 @@ Usage (on the GPU machine)::
 ``--gguf`` adds the trainer on the GGUF layout of the q4_k_m plan (``base_type: q4_k_m``: Q4_K for most
 projections, Q6_K for the attn_v / ffn_down tensors llama.cpp's mix promotes, quantized on the GPU by the loader
 as ``quantforge train --base-format gguf --plan`` does) against its NF4 path on the same checkpoint, steps, batches
-and rank; the GGUF comparison alone::
+and rank (timed runs of ``--steps`` x 8 / batch optimizer steps, so each run trains about the same tokens); the
+GGUF comparison alone::
 
     python -P benchmarks/qlora.py --assets .bench/qlora --workdir /tmp/qlora --skip-curve --skip-speed --gguf \
         --batches 1 8 --gguf-profile 8 [--gguf-repeats 3]
@@ -220,9 +221,9 @@ def dolly_examples(assets: Path, tok, limit: int):
     return [e for e in out if e is not None and len(e) <= 2048]
 
 
-def profiled_step(model, batch: int, vocab: int) -> tuple[float, list]:
+def profiled_step(model, batch: int, vocab: int, host: bool = False) -> tuple:
     """One profiled optimizer step at ``SEQ x batch`` (after a warm-up step): its wall seconds and the CUDA kernels'
-    profiler averages."""
+    profiler averages (with ``host``, also the CPU-side ops' averages)."""
     from torch.profiler import ProfilerActivity, profile
 
     from quantforge.train.config import TrainConfig
@@ -240,7 +241,11 @@ def profiled_step(model, batch: int, vocab: int) -> tuple[float, list]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     del tr
-    return wall, [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    avgs = prof.key_averages()
+    cuda = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CUDA]
+    if host:
+        return wall, cuda, [e for e in avgs if e.device_type == torch.autograd.DeviceType.CPU]
+    return wall, cuda
 
 
 def profile_step(model, batch: int, vocab: int) -> None:
@@ -429,21 +434,28 @@ def gguf_vs_nf4(args, path: Path, work: Path, results: dict) -> None:
             f"base copies vs codec: {', '.join(arm['checks'])}")
         for b in args.batches:
             reps = []
+            steps = args.steps * max(1, 8 // b)  # about the same tokens (and seconds) per timed run at every batch
             for _ in range(args.gguf_repeats):
-                tps, pk, losses = ours_run(model, fixed_examples(b * (args.steps + 1), SEQ, vocab), b * SEQ,
-                                           args.steps)
+                tps, pk, losses = ours_run(model, fixed_examples(b * (steps + 1), SEQ, vocab), b * SEQ, steps)
                 if not all(map(math.isfinite, losses)):
                     raise SystemExit(f"{label} {SEQ}x{b}: non-finite loss {losses}")
                 reps.append(tps)
                 log(f"{label} {SEQ}x{b}: {tps:,.0f} tok/s, {pk:.1f} GiB, losses {[round(x, 4) for x in losses]}")
             arm["runs"][b] = {"tps": sorted(reps)[len(reps) // 2], "gib": pk, "losses": losses, "repeats": reps}
         if args.gguf_profile:
-            wall, events = profiled_step(model, args.gguf_profile, vocab)
+            wall, events, host = profiled_step(model, args.gguf_profile, vocab, host=True)
+            busy = sum(e.self_device_time_total for e in events) / 1e3
+            launches = sum(e.count for e in host if "LaunchKernel" in e.key)
+            log(f"{label} profile {SEQ}x{args.gguf_profile}: GPU busy {busy:.0f} ms of {wall * 1e3:.0f} ms wall, "
+                f"{launches} kernel launches; host ops by self CPU time:")
+            for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:15]:
+                log(f"  {e.key[:70]} | {e.count} calls | {e.self_cpu_time_total / 1e3:.1f} ms")
             groups: dict[str, float] = {}
             for e in events:
                 g = kernel_group(e.key)
                 groups[g] = groups.get(g, 0.0) + e.self_device_time_total / 1e3
-            arm["profile"] = {"batch": args.gguf_profile, "wall_ms": wall * 1e3, "groups": groups,
+            arm["profile"] = {"batch": args.gguf_profile, "wall_ms": wall * 1e3, "busy_ms": busy, "launches": launches,
+                              "groups": groups,
                               "dequant": [(e.key, e.count, e.self_device_time_total / 1e3) for e in events
                                           if kernel_group(e.key) == "dequantize"]}
             log(f"{label} profile {SEQ}x{args.gguf_profile}: {wall * 1e3:.0f} ms wall, "
@@ -479,7 +491,8 @@ def print_gguf(res: dict) -> None:
     if nf4 and gg and "profile" in nf4 and "profile" in gg:
         p, q = nf4["profile"], gg["profile"]
         log(f"\nprofiled step {SEQ} x {p['batch']} (GPU ms per kernel group; wall {p['wall_ms']:.0f} vs "
-            f"{q['wall_ms']:.0f} ms)")
+            f"{q['wall_ms']:.0f} ms, GPU busy {p.get('busy_ms', 0):.0f} vs {q.get('busy_ms', 0):.0f} ms, "
+            f"{p.get('launches', 0)} vs {q.get('launches', 0)} kernel launches)")
         log("| kernel group | NF4 ms | q4_k_m plan ms | difference ms |\n|---|---|---|---|")
         for grp in sorted(set(p["groups"]) | set(q["groups"]), key=lambda k: -p["groups"].get(k, 0.0)):
             a, c = p["groups"].get(grp, 0.0), q["groups"].get(grp, 0.0)

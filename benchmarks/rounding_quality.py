@@ -18,6 +18,8 @@ Steps (all on this machine's CPU):
    for the ``--sequential`` mixes, ours with ``optimize="gptq"`` on sequential statistics (``calibrate
    --sequential MIX``: inputs from the already-quantized layers, targets corrected towards the float model's
    outputs), with llama.cpp's importance matrix as every other row;
+   for q4_k_m (``--plan-modes``) our dynamic plan at llama.cpp's q4_k_m size, planned and written under each rounding
+   mode, and (``--plan-sequential``) the gptq plan written with gptq on sequential statistics of that plan;
    for q4_k_m (``--autoround``) AutoRound's ``gguf:q4_k_m`` export in its rounding-only (``iters=0``) and tuned
    (default iters) modes, fed the same calibration chunks (``benchmarks/autoround_gguf.py``, its own process);
 4. mean KLD of every file against the f16 base with ``llama-perplexity --kl-divergence`` on two texts: 512-token
@@ -147,7 +149,51 @@ def plan_files(model: Path, data: list[Path], args: argparse.Namespace, work: Pa
                         hessians=cal / "hessians.safetensors")
             timings[f"plan q4_k_m {mode}"] = time.perf_counter() - t0
         out[f"dynamic plan + {mode}"] = path
+        if mode == "gptq" and args.plan_sequential:
+            out["dynamic plan + sequential gptq"] = plan_sequential_file(model, data, args, work, plan_path,
+                                                                          timings, reused)
     return out
+
+
+def plan_sequential_file(model: Path, data: list[Path], args: argparse.Namespace, work: Path, plan_path: Path,
+                         timings: dict[str, float], reused: list[str]) -> Path:
+    """The gptq plan written with gptq on sequential statistics (``calibrate --sequential plan.yaml``: the plan's
+    types and per-tensor modes in the quantized stream), with the plan calibration's imatrix."""
+    import hashlib
+    import shutil
+
+    from planner_quality import plan_body
+    from quantforge.calibration.sequential import FILE, calibrate_sequential
+    from quantforge.calibration.settings import CalibrationSettings
+    from quantforge.exporters.gguf import export_gguf
+    from quantforge.rounding.hessians import read_key
+
+    imatrix = work / "cal" / "imatrix.gguf"
+    folder = work / "seq-plan"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "imatrix.gguf").is_file() or (folder / "imatrix.gguf").read_bytes() != imatrix.read_bytes():
+        shutil.copy(imatrix, folder / "imatrix.gguf")
+    settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=args.holdout)
+    res = calibrate_sequential(model, data, folder, settings, plan=plan_path, mode="gptq")
+    if res["reused"]:
+        reused.append("sequential statistics (plan)")
+    else:
+        timings["plan sequential statistics"] = res["seconds"]
+    digest = hashlib.sha256((plan_body(plan_path) + read_key(folder / FILE)).encode()).hexdigest()[:10]
+    path = work / f"ours-plan-q4_k_m-seq-gptq-{digest}.gguf"
+    if path.is_file():
+        reused.append(path.name)
+    else:
+        t0 = time.perf_counter()
+        export_gguf(model, path, plan=plan_path, imatrix=imatrix, hessians=folder / FILE)
+        timings["plan q4_k_m sequential gptq"] = time.perf_counter() - t0
+    return path
+
+
+def seq_damp() -> float:
+    from quantforge.calibration.sequential import DAMP
+
+    return DAMP
 
 
 def main() -> int:
@@ -172,6 +218,9 @@ def main() -> int:
     ap.add_argument("--plan-modes", default="rtn,gptq",
                     help="q4_k_m: our dynamic plan at llama.cpp's q4_k_m tensor size, planned and written under each "
                          "of these rounding modes; '' for none")
+    ap.add_argument("--plan-sequential", action="store_true",
+                    help="also the gptq plan written with gptq on sequential statistics (calibrate --sequential "
+                         "plan.yaml)")
     args = ap.parse_args()
 
     from quantforge.calibration.hessian_pass import calibrate_hessians
@@ -289,7 +338,12 @@ def main() -> int:
                 "tokens, sampled KLD measurements) with the sensitivity measured under the row's rounding mode, "
                 "'quantforge plan --size-mb <llama.cpp q4_k_m tensor MB> --optimize MODE', written by our exporter; "
                 "tensor types differ from llama.cpp's by design (size at most llama.cpp's, checked)."
-                if plan_sizes else ""))
+                if plan_sizes else "")
+             + (" 'dynamic plan + sequential gptq': the gptq plan's file written with gptq on sequential statistics "
+                "of that plan (calibrate --sequential plan.yaml: its types and modes in the quantized stream, the plan "
+                "calibration's imatrix)." if "dynamic plan + sequential gptq" in plan_sizes else "")
+             + (" Sequential rows: correction ridge "
+                f"{seq_damp()} x mean diag H." if any("sequential" in r[1] for r in rows) else ""))
     if args.note:
         body += " " + args.note
     print(body)

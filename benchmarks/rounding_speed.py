@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure, table  # noqa: E402
-from export_speed import QF, add_checkpoint_args, checkpoint_from_args  # noqa: E402
+from export_speed import LLAMA_8B, QF, add_checkpoint_args, checkpoint_from_args  # noqa: E402
 
 GOAL_S = 600.0
 STAGES = ("hessians", "rtn", "gptq")
@@ -50,6 +50,7 @@ def main() -> None:
         raise SystemExit(f"--stages takes {', '.join(STAGES)}")
     work = Path(args.dir)
     model = checkpoint_from_args(args)
+    cfg = {**LLAMA_8B, "num_hidden_layers": args.layers}
     cal = work / "cal-hessians"
     hess = cal / "hessians.safetensors"
     rows: list[list[object]] = []

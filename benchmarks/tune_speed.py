@@ -3,7 +3,7 @@
 GGUF exporter hands a rounder, by ``gptq`` and by ``tune`` (gptq's codes refined: its time includes gptq's), with
 q4_k_m's types (q6_k for attn_v and ffn_down, q4_k elsewhere); the whole-model time is the layer's times 32.
 
-    python benchmarks/tune_speed.py [--device cuda] [--sweeps 4] [--scale 1.0]
+    python benchmarks/tune_speed.py [--device cuda] [--sweeps 4] [--scale 1.0] [--modes gptq,tune]
 
 ``--scale`` shrinks every dimension (rounded to 256) for a quick check on a CPU.
 """
@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sweeps", type=int, default=None, help="tune's exact passes (default: the mode's)")
     ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--modes", default="gptq,tune", help="'gptq' alone skips the tuned mode")
     args = ap.parse_args()
 
     import torch
@@ -69,6 +70,9 @@ def main() -> int:
         imatrix = torch.diagonal(h).clone()
         times = {}
         for label, rounder in (("gptq", gptq), ("tune", tune)):
+            if label not in args.modes.split(","):
+                times[label] = float("nan")
+                continue
             sync()
             t0 = time.perf_counter()
             for s in range(0, r, step):

@@ -44,12 +44,12 @@ def test_correction_is_the_least_squares_target():
     assert torch.equal(correction(h, h), torch.zeros_like(h))
 
 
-@pytest.mark.parametrize(("fmt", "bound"), [("q4_k", 0.5), ("q6_k", 0.1), ("q3_k", 0.85), ("q8_0", 0.05)])
+@pytest.mark.parametrize(("fmt", "bound"), [("q4_k", 0.5), ("q6_k", 0.08), ("q3_k", 0.83), ("q8_0", 0.03)])
 def test_compensated_rounding_lowers_the_output_error_on_quantized_inputs(fmt, bound):
     """A weight whose inputs carry an upstream error: gptq on ``W + W D`` fitted to the quantized inputs' ``H``
     ends closer to the float output ``W x_f`` than gptq on ``W`` fitted to the float inputs' ``H``, on held-out
-    tokens (measured ratios of the two errors: q4_k 0.45, q6_k 0.06, q3_k 0.78, q8_0 0.01; the finer the type,
-    the more of the error is the upstream one, which only the correction removes)."""
+    tokens (measured ratios of the two errors at the default ridge: q4_k 0.47, q6_k 0.07, q3_k 0.81, q8_0 0.02;
+    the finer the type, the more of the error is the upstream one, which only the correction removes)."""
     n, tokens = 256, 8192
     xf, xq = _inputs(n, 2 * tokens, 3)
     w = torch.randn(64, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.05
