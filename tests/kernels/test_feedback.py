@@ -55,3 +55,22 @@ def test_without_feedback_codes_are_the_nearest_values():
     assert torch.equal(codes, want)
     assert torch.equal(w, w0)
     assert torch.equal(err, w0 - (s * values[codes] + o))
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q6_k", "iq4_nl", "q8_0"])
+def test_gptq_rows_through_the_kernel_writes_the_reference_bytes(name, monkeypatch):
+    """The whole gptq rounding with its column loop in the kernel (as on CUDA) writes the same bytes as with the
+    reference loop (as on the CPU): the block slices of ``U``, the grid values and the scale candidates reach the
+    kernel as the reference reads them."""
+    from helpers.rounding import correlated_layer
+
+    from quantforge.formats import get_format
+    from quantforge.rounding import gptq
+
+    fmt = get_format(name)
+    w, x = correlated_layer(512, rows=6, seed=2)
+    factor = inverse_factor(x.t() @ x / x.shape[0])
+    imatrix = (x * x).mean(dim=0)
+    ref = gptq.gptq_rows(w, fmt, factor, imatrix)
+    monkeypatch.setattr(gptq, "feedback_block", feedback_block_triton)
+    assert torch.equal(gptq.gptq_rows(w, fmt, factor, imatrix), ref)
