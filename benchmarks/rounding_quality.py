@@ -80,11 +80,12 @@ def autoround_files(model: Path, data: list[Path], args: argparse.Namespace, wor
     return out
 
 
-def sequential_file(model: Path, data: list[Path], args: argparse.Namespace, work: Path, mix: str, imatrix: Path,
-                    timings: dict[str, float], reused: list[str]) -> Path:
-    """Our ``mix`` with gptq on sequential statistics (``calibrate --sequential MIX``: each linear's inputs from the
-    already-quantized layers before it, its target corrected to match the float model's output), in its own
-    calibration folder holding llama.cpp's importance matrix (the one every row quantizes with)."""
+def sequential_gptq(model: Path, data: list[Path], args: argparse.Namespace, work: Path, label: str,
+                    imatrix: Path, target: dict, export: dict, timings: dict[str, float], reused: list[str]) -> Path:
+    """``calibrate --sequential`` for ``target`` (``{"qtype": MIX}`` or ``{"plan": PATH}``: each linear's inputs
+    from the already-quantized layers before it, its target corrected to match the float model's output) in the
+    folder ``seq-LABEL`` holding ``imatrix``, then our file written with gptq on those statistics
+    (``export_gguf(**export)``), named by the statistics' key (model, data, settings, types, modes, imatrix)."""
     import shutil
 
     from quantforge.calibration.sequential import FILE, calibrate_sequential
@@ -92,23 +93,23 @@ def sequential_file(model: Path, data: list[Path], args: argparse.Namespace, wor
     from quantforge.exporters.gguf import export_gguf
     from quantforge.rounding.hessians import read_key
 
-    folder = work / f"seq-{mix}"
+    folder = work / f"seq-{label}"
     folder.mkdir(exist_ok=True)
     if not (folder / "imatrix.gguf").is_file() or (folder / "imatrix.gguf").read_bytes() != imatrix.read_bytes():
         shutil.copy(imatrix, folder / "imatrix.gguf")
     settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=args.holdout)
-    res = calibrate_sequential(model, data, folder, settings, qtype=mix, mode="gptq")
+    res = calibrate_sequential(model, data, folder, settings, mode="gptq", **target)
     if res["reused"]:
-        reused.append(f"sequential statistics ({mix})")
+        reused.append(f"sequential statistics ({label})")
     else:
-        timings[f"{mix} sequential statistics"] = res["seconds"]
-    path = work / f"ours-{mix}-seq-gptq-{read_key(folder / FILE)[:10]}.gguf"
+        timings[f"{label} sequential statistics"] = res["seconds"]
+    path = work / f"ours-{label}-seq-gptq-{read_key(folder / FILE)[:10]}.gguf"
     if path.is_file():
         reused.append(path.name)
     else:
         t0 = time.perf_counter()
-        export_gguf(model, path, qtype=mix, imatrix=imatrix, optimize="gptq", hessians=folder / FILE)
-        timings[f"{mix} sequential gptq"] = time.perf_counter() - t0
+        export_gguf(model, path, imatrix=imatrix, hessians=folder / FILE, **export)
+        timings[f"{label} sequential gptq"] = time.perf_counter() - t0
     return path
 
 
@@ -150,44 +151,10 @@ def plan_files(model: Path, data: list[Path], args: argparse.Namespace, work: Pa
             timings[f"plan q4_k_m {mode}"] = time.perf_counter() - t0
         out[f"dynamic plan + {mode}"] = path
         if mode == "gptq" and args.plan_sequential:
-            out["dynamic plan + sequential gptq"] = plan_sequential_file(model, data, args, work, plan_path,
-                                                                          timings, reused)
+            out["dynamic plan + sequential gptq"] = sequential_gptq(
+                model, data, args, work, "plan", cal / "imatrix.gguf", {"plan": plan_path}, {"plan": plan_path},
+                timings, reused)
     return out
-
-
-def plan_sequential_file(model: Path, data: list[Path], args: argparse.Namespace, work: Path, plan_path: Path,
-                         timings: dict[str, float], reused: list[str]) -> Path:
-    """The gptq plan written with gptq on sequential statistics (``calibrate --sequential plan.yaml``: the plan's
-    types and per-tensor modes in the quantized stream), with the plan calibration's imatrix."""
-    import hashlib
-    import shutil
-
-    from planner_quality import plan_body
-    from quantforge.calibration.sequential import FILE, calibrate_sequential
-    from quantforge.calibration.settings import CalibrationSettings
-    from quantforge.exporters.gguf import export_gguf
-    from quantforge.rounding.hessians import read_key
-
-    imatrix = work / "cal" / "imatrix.gguf"
-    folder = work / "seq-plan"
-    folder.mkdir(exist_ok=True)
-    if not (folder / "imatrix.gguf").is_file() or (folder / "imatrix.gguf").read_bytes() != imatrix.read_bytes():
-        shutil.copy(imatrix, folder / "imatrix.gguf")
-    settings = CalibrationSettings(tokens=args.tokens, ctx=512, holdout_tokens=args.holdout)
-    res = calibrate_sequential(model, data, folder, settings, plan=plan_path, mode="gptq")
-    if res["reused"]:
-        reused.append("sequential statistics (plan)")
-    else:
-        timings["plan sequential statistics"] = res["seconds"]
-    digest = hashlib.sha256((plan_body(plan_path) + read_key(folder / FILE)).encode()).hexdigest()[:10]
-    path = work / f"ours-plan-q4_k_m-seq-gptq-{digest}.gguf"
-    if path.is_file():
-        reused.append(path.name)
-    else:
-        t0 = time.perf_counter()
-        export_gguf(model, path, plan=plan_path, imatrix=imatrix, hessians=folder / FILE)
-        timings["plan q4_k_m sequential gptq"] = time.perf_counter() - t0
-    return path
 
 
 def seq_damp() -> float:
@@ -284,7 +251,8 @@ def main() -> int:
                 reused.append(path.name)
             files[label] = path
         if mix in [m.strip() for m in args.sequential.split(",") if m.strip()]:
-            files["sequential gptq"] = sequential_file(model, data, args, work, mix, imatrix, timings, reused)
+            files["sequential gptq"] = sequential_gptq(model, data, args, work, mix, imatrix, {"qtype": mix},
+                                                       {"qtype": mix, "optimize": "gptq"}, timings, reused)
         ref_bytes, ref_types = tensor_bytes(ref)
         foreign = autoround_files(model, data, args, work, timings, reused) if mix == "q4_k_m" else {}
         files.update(foreign)
