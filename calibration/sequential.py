@@ -202,12 +202,10 @@ class _Rounding:
 
     def __init__(self, spec: Any, cfg: dict, hf_names: dict[str, str], types: dict[str, str], modes: dict[str, str],
                  imat: Any) -> None:
-        from ..rounding.grids import SUPPORTED
-        from ..rounding.lattice import covers
+        from ..rounding import optimizable
 
         self.spec, self.cfg, self.hf, self.types, self.modes, self.imat = spec, cfg, hf_names, types, modes, imat
-        self.optimized = {n for n, t in types.items() if modes.get(n) in ("gptq", "tune")
-                          and (t in SUPPORTED or covers(t))}
+        self.optimized = {n for n, t in types.items() if modes.get(n) in ("gptq", "tune") and optimizable(t)}
         """The weights the exporter rounds with the mode (the others keep the type's default rounding)."""
 
     def __call__(self, name: str, target: Any, h: Any, group: str, tokens: int) -> Any:

@@ -41,9 +41,7 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
         raise InputError(f"--optimize {modes[wanted[0]]} needs --calibration DIR with hessians.safetensors "
                          "('quantforge calibrate MODEL --data F -o DIR --hessians')")
     from .gptq import FactorCache
-    from .grids import SUPPORTED
     from .hessians import Hessians
-    from .lattice import covers as lattice_covers
     from .tune import SecondMoments
 
     store = Hessians(hessians)
@@ -58,13 +56,22 @@ def build_rounders(types: dict[str, str], default: str = "rtn", per_tensor: dict
     out: dict[str, object] = {}
     for name in wanted:
         group = store.group_of(name)
-        if (types[name] not in SUPPORTED and not lattice_covers(types[name])) or group is None:
+        if not optimizable(types[name]) or group is None:
             continue
         out[name] = make_rounder(types[name], modes[name], functools.partial(store.for_tensor, name), group, cache,
                                  moments, store.tokens.get(group))
         if store.has_correction(name):
             out[name] = CompensatedRounder(out[name], functools.partial(store.correction_for, name), group, moments)
     return out
+
+
+def optimizable(fmt: str) -> bool:
+    """Whether type ``fmt`` has codes the optimized modes can choose (the k-quants, legacy types, ``q8_0``, the
+    i-quants); floats and the ternary types keep their default rounding."""
+    from .grids import SUPPORTED
+    from .lattice import covers
+
+    return fmt in SUPPORTED or covers(fmt)
 
 
 def make_rounder(fmt: str, mode: str, load: object, group: str, cache: object = None, moments: object = None,

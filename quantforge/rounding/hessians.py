@@ -124,7 +124,6 @@ class Hessians:
             h = f.get_tensor(g)
         return unpack_upper(h) if self.packed else h
 
-
     def has_correction(self, name: str) -> bool:
         """Whether a sequential file holds a correction for GGUF weight ``name``'s group."""
         g = self.group_of(name)
