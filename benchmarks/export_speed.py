@@ -297,6 +297,7 @@ def main() -> None:
     elif args.imatrix is not None:
         args.imatrix = Path(args.imatrix)
     rows, outputs = [], {}
+    cpu_s: dict[str, float] = {}
     types = [t for t in args.types.split(",") if t]
     cold_types = types if args.cold_types is None else [t for t in args.cold_types.split(",") if t]
     for qtype in types:
@@ -312,6 +313,8 @@ def main() -> None:
         warm, warm_rss = ours(model, qtype, out, args.device, imatrix=imat)
         outputs[qtype] = out
         rows.append([qtype, args.device, "warm", warm, warm_rss, out.stat().st_size / 1e9])
+        if args.device == "cpu":
+            cpu_s[qtype] = warm
         print(table(["type", "device", "page cache", "s", "peak RSS MiB", "file GB"],
                     rows[-2 if qtype in cold_types else -1:]), flush=True)
     if args.profile is not None:
@@ -321,7 +324,6 @@ def main() -> None:
             print(profile_run(model, qtype, work / "profile.gguf", args.device, imatrix_for(qtype, args.imatrix)),
                   flush=True)
             (work / "profile.gguf").unlink(missing_ok=True)
-    cpu_s: dict[str, float] = {}
     for qtype in [t for t in args.cpu_types.split(",") if t]:
         warm_page_cache(shards)
         out = work / f"ours-cpu-{qtype}.gguf"

@@ -96,8 +96,12 @@ def main() -> None:
         print(f"gptq quantize {walls['gptq']:.0f} s{base}")
     if "gptq" in walls and "hessians" in walls:
         total = walls["gptq"] + walls["hessians"]
-        print(f"goal: gptq end to end (XᵀX + quantize) under {GOAL_S / 60:.0f} minutes: "
-              f"{'met' if total < GOAL_S else 'MISSED'} ({total / 60:.1f} min)")
+        if args.layers == LLAMA_8B["num_hidden_layers"] and args.device == "cuda":
+            print(f"goal: gptq end to end (XᵀX + quantize) under {GOAL_S / 60:.0f} minutes: "
+                  f"{'met' if total < GOAL_S else 'MISSED'} ({total / 60:.1f} min)")
+        else:
+            print(f"gptq end to end (XᵀX + quantize) {total / 60:.1f} min; the goal (under {GOAL_S / 60:.0f} "
+                  f"minutes) is for all {LLAMA_8B['num_hidden_layers']} layers on the GPU")
 
 
 if __name__ == "__main__":

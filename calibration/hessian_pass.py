@@ -10,11 +10,12 @@ between) and share one matrix.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, InternalError, MissingFile
-from ..rounding.hessians import FILE, read_key, save_hessians
+from ..rounding.hessians import FILE, hessian_writer, read_key
 from . import store
 from .hooks import capture_inputs, linear_modules
 from .refs import Contexts, TensorRef, batches
@@ -27,13 +28,15 @@ HESSIAN_VERSION = 1
 class HessianAccumulator:
     """Running ``Σ xᵀx`` (float64, on the inputs' device) and token counts per input group, fed one matmul input
     at a time; :meth:`finish` turns the open sums into packed float32 ``H`` on the host (after each layer, so the
-    float64 sums of one layer at a time are held).
+    float64 sums of one layer at a time are held) and hands each to ``sink(group, H)`` when one is given (the file
+    writer: nothing is kept), else keeps it for :meth:`result`.
 
     ``names`` maps a hook key to the GGUF weight name. A weight whose input is the same tensor object as the
     previous weight's (same storage, shape and strides) joins that weight's group; it must do so on every call."""
 
-    def __init__(self, names: dict[str, str]) -> None:
+    def __init__(self, names: dict[str, str], sink: Callable[[str, Any], None] | None = None) -> None:
         self.names = names
+        self.sink = sink
         self.members: dict[str, str] = {}
         self.sums: dict[str, Any] = {}
         self.done: dict[str, Any] = {}
@@ -66,7 +69,11 @@ class HessianAccumulator:
         from ..rounding.hessians import pack_upper
 
         for g in list(self.sums):
-            self.done[g] = pack_upper(self.sums.pop(g) / max(1, self.tokens[g]))
+            packed = pack_upper(self.sums.pop(g) / max(1, self.tokens[g]))
+            if self.sink is None:
+                self.done[g] = packed
+            else:
+                self.sink(g, packed)
         self._last = None
 
     def result(self) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
@@ -75,13 +82,21 @@ class HessianAccumulator:
         return dict(self.done), dict(self.members), dict(self.tokens)
 
 
-def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]], batch_size: int = 4,
-                     progress: Progress = no_progress) -> tuple[dict[str, Any], dict[str, str], dict[str, int]]:
-    """Run the chunks through the decoder layer by layer with hooks on every linear weight of ``refs``."""
+def hessian_names(refs: list[TensorRef]) -> list[str]:
+    """The GGUF names of the weights whose inputs :func:`collect_hessians` measures (the decoder layers' linears)."""
+    return [r.gguf_name for r in refs if r.layer is not None]
+
+
+def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[list[int]],
+                     sink: Callable[[str, Any], None], batch_size: int = 4, progress: Progress = no_progress
+                     ) -> tuple[dict[str, str], dict[str, int]]:
+    """Run the chunks through the decoder layer by layer with hooks on every linear weight of ``refs``; each
+    group's packed ``H`` goes to ``sink(group, H)`` once its layer is done. Returns ``({weight: group}, {group:
+    tokens})``."""
     import torch
 
     names = {id(r.module): r.gguf_name for r in refs if r.layer is not None}
-    acc = HessianAccumulator({n: n for n in names.values()})
+    acc = HessianAccumulator({n: n for n in names.values()}, sink)
     keep = runner.device if runner.resident else torch.device("cpu")
     ctxs = Contexts(runner)
     with torch.no_grad():
@@ -93,7 +108,8 @@ def collect_hessians(runner: DecoderRunner, refs: list[TensorRef], chunks: list[
                     h = h.to(runner.device)
                     hs[b] = runner.layer(i, h, ctxs(h)).to(keep)
             acc.finish()
-    return acc.result()
+    _, members, tokens = acc.result()
+    return members, tokens
 
 
 def hessians_key(model_hash: str, data_digests: list[str], settings: CalibrationSettings) -> str:
@@ -140,9 +156,10 @@ def calibrate_hessians(model: Any, data: list[Any], out: Any, settings: Calibrat
         runner = DecoderRunner(load_model(src.path, device=device, n_params=sum(src.numel(n) for n in src.tensors)),
                                device=device)
         refs = tensor_refs(runner, spec, s.candidates)
-        groups, members, tokens = collect_hessians(runner, refs, chunks.calibration, batch_size, progress)
         folder.mkdir(parents=True, exist_ok=True)
-        save_hessians(path, groups, members, tokens, key)
+        with hessian_writer(path, hessian_names(refs)) as w:
+            members, tokens = collect_hessians(runner, refs, chunks.calibration, w.add_group, batch_size, progress)
+            w.finish(members, tokens, key)
         return {"path": path, "reused": False, "seconds": time.perf_counter() - t0}
     finally:
         src.close()

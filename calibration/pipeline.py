@@ -166,12 +166,13 @@ def _rounders(runner: DecoderRunner, refs: list[Any], chunks: list[list[int]], f
     moments (collected here, from the calibration chunks, unless the folder holds them for this model, data and
     token budget)."""
     from ..rounding import ModeRounders
-    from ..rounding.hessians import FILE, read_key, save_hessians
-    from .hessian_pass import collect_hessians, hessians_key
+    from ..rounding.hessians import FILE, hessian_writer, read_key
+    from .hessian_pass import collect_hessians, hessian_names, hessians_key
 
     path = folder / FILE
     key = hessians_key(mhash, data_digests, s)
     if group.is_main and read_key(path) != key:
-        save_hessians(path, *collect_hessians(runner, refs, chunks, batch_size, progress), key)
+        with hessian_writer(path, hessian_names(refs)) as w:
+            w.finish(*collect_hessians(runner, refs, chunks, w.add_group, batch_size, progress), key)
     group.barrier()
     return ModeRounders(s.rounding, path)

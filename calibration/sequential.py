@@ -51,7 +51,10 @@ def correction(c: Any, h: Any, damp: float = DAMP) -> Any:
     delta = damp * float(torch.diagonal(h).clamp(min=0).mean())
     if not delta > 0:
         return torch.zeros_like(h)
-    L, info = torch.linalg.cholesky_ex(h + delta * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+    damped = h.clone()
+    damped.diagonal().add_(delta)
+    L, info = torch.linalg.cholesky_ex(damped)
+    del damped
     if int(info) != 0:
         raise InputError("the quantized inputs' second-moment matrix is not positive semi-definite; recalibrate")
     # H + δI is symmetric: D = (C − H) A⁻¹ is the transpose of A⁻¹ (C − H)ᵀ
@@ -125,25 +128,26 @@ def _float_inputs(runner: DecoderRunner, i: int, hs: list[Any], ctxs: Contexts, 
 
 
 def collect_sequential(runner: DecoderRunner, names: dict[int, str], chunks: list[list[int]],
-                       rounding: Callable[[str, Any, Any, str, int], Any], batch_size: int = 4, damp: float = DAMP,
-                       embedding: Any = None, progress: Progress = no_progress) -> dict[str, Any]:
+                       rounding: Callable[[str, Any, Any, str, int], Any], sink: Callable[[str, Any, Any], None],
+                       batch_size: int = 4, damp: float = DAMP, embedding: Any = None,
+                       progress: Progress = no_progress) -> dict[str, Any]:
     """Walk the decoder with a float and a quantized stream (the quantized one starts from ``embedding``, the
     token embedding as the file will hold it, when given).
 
     ``names`` maps ``id(module)`` to the GGUF name of every linear to quantize. For each input group, in call
     order: ``H`` and ``C`` from both streams' inputs (float64 sums), ``D`` (:func:`correction`, rounded to
-    float16 as saved), then each weight's target ``W + W D`` (float32) goes to ``rounding(name, target, H, group,
-    tokens)``, which returns the quantized weight (dequantized, HF orientation) that the quantized stream uses from
-    then on. The model's weights are restored afterwards. Returns ``{"groups": {group: H}, "corrections": {group:
-    D}, "members": {name: group}, "tokens": {group: T}, "drift": [relative error of the quantized stream after each
-    layer]}``."""
+    float16 as saved) go to ``sink(group, H, D)`` (the file writer), then each weight's target ``W + W D``
+    (float32) goes to ``rounding(name, target, H, group, tokens)``, which returns the quantized weight (dequantized,
+    HF orientation) that the quantized stream uses from then on. The model's weights are restored afterwards.
+    Returns ``{"members": {name: group}, "tokens": {group: T}, "drift": [relative error of the quantized stream
+    after each layer]}``."""
     import torch
 
     from ..rounding.hessians import pack_upper, unpack_upper
 
     ctxs = Contexts(runner)
     keep = runner.device if runner.resident else torch.device("cpu")
-    out: dict[str, Any] = {"groups": {}, "corrections": {}, "members": {}, "tokens": {}, "drift": []}
+    out: dict[str, Any] = {"members": {}, "tokens": {}, "drift": []}
     originals: list[tuple[Any, Any]] = []
     try:
         with torch.no_grad():
@@ -176,7 +180,8 @@ def collect_sequential(runner: DecoderRunner, names: dict[int, str], chunks: lis
                         C /= T
                         h32 = unpack_upper(pack_upper(H)).to(runner.device)  # what the saved file gives back
                         d32 = correction(C, H, damp).to(torch.float16).to(torch.float32)
-                        out["groups"][head], out["corrections"][head], out["tokens"][head] = h32.cpu(), d32.cpu(), T
+                        sink(head, h32, d32)
+                        out["tokens"][head] = T
                         for name in g:
                             mod = mods[name]
                             w = mod.weight.data
@@ -277,7 +282,7 @@ def calibrate_sequential(model: Any, data: list[Any], out: Any, settings: Calibr
     from ..imatrix import load_imatrix
     from ..model_source import ModelSource
     from ..rounding import MODES
-    from ..rounding.hessians import read_key, save_hessians
+    from ..rounding.hessians import hessian_writer, read_key
     from .data import file_digest, load_chunks
 
     s = settings or CalibrationSettings()
@@ -315,10 +320,11 @@ def calibrate_sequential(model: Any, data: list[Any], out: Any, settings: Calibr
         names = {id(r.module): r.gguf_name for r in refs if r.layer is not None and r.gguf_name in types}
         rounding = _Rounding(spec, dict(src.text_config), hf_names, types, modes, load_imatrix(imatrix))
         emb = _quantized_rows(runner.decoder.embed_tokens.weight, types.get("token_embd.weight"))
-        res = collect_sequential(runner, names, chunks.calibration, rounding, batch_size, DAMP, emb, progress)
-        rounded = {n: types[n] for n in res["members"] if n in rounding.optimized}
-        save_hessians(path, res["groups"], res["members"], res["tokens"], key, corrections=res["corrections"],
-                      types=rounded, mode=mode)
+        with hessian_writer(path, names.values()) as w:
+            res = collect_sequential(runner, names, chunks.calibration, rounding, w.add_group, batch_size, DAMP, emb,
+                                     progress)
+            rounded = {n: types[n] for n in res["members"] if n in rounding.optimized}
+            w.finish(res["members"], res["tokens"], key, types=rounded, mode=mode)
         return {"path": path, "reused": False, "seconds": time.perf_counter() - t0, "drift": res["drift"]}
     finally:
         src.close()

@@ -145,6 +145,69 @@ def test_hessian_file_stores_upper_triangles_and_reads_full_matrices(tmp_path):
     assert torch.equal(Hessians(tmp_path / "v1.safetensors").for_tensor("a"), h)
 
 
+def test_hessian_file_is_streamed_group_by_group(tmp_path):
+    """The streaming writer's file is a valid safetensors file (every byte indexed, header padded with spaces)
+    holding what was written: packed float32 ``H``, float16 corrections and the metadata, byte-identical when
+    written again; the header room reserved from the names holds names JSON escapes at length."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    from quantforge.errors import InternalError
+    from quantforge.rounding.hessians import CORRECTION, Hessians, hessian_writer, pack_upper
+
+    names = ["blk.0.attn_q.weight", 'blk.0.\u00e9"\U0001f600.weight', "blk.0.ffn_down.weight"]
+    g = torch.Generator().manual_seed(3)
+    mats = {}
+    for name, n in zip(names, (16, 8, 24), strict=True):
+        x = torch.randn(64, n, generator=g)
+        h = x.t() @ x / 64
+        mats[name] = (torch.triu(h) + torch.triu(h, 1).t(), torch.randn(n, n, generator=g))
+    members = {**{n: n for n in names}, "blk.0.attn_k.weight": names[0]}
+    tokens = {n: 64 for n in names}
+
+    def write(path):
+        with hessian_writer(path, [*names, "blk.0.attn_k.weight"]) as w:
+            for name in names:  # the order calibration finishes groups in, not sorted
+                w.add_group(name, *mats[name])
+            w.finish(members, tokens, "key", types={"blk.0.attn_q.weight": "q4_k"}, mode="gptq")
+        return path
+
+    a, b = write(tmp_path / "a.safetensors"), write(tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    raw = a.read_bytes()
+    n_header = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8:8 + n_header].decode()
+    assert header.endswith(" ") and json.loads(header)["__metadata__"]
+    store = Hessians(a)
+    assert store.key == "key" and store.members == members and store.types == {"blk.0.attn_q.weight": "q4_k"}
+    with safe_open(str(a), framework="pt") as f:
+        for name in names:
+            h, d = mats[name]
+            assert torch.equal(f.get_tensor(name), pack_upper(h))
+            assert torch.equal(f.get_tensor(CORRECTION + name), d.half())
+    assert torch.equal(store.for_tensor("blk.0.attn_k.weight"), mats[names[0]][0])
+    assert torch.equal(store.correction_for(names[1]), mats[names[1]][1].half().float())
+    with pytest.raises(InternalError), hessian_writer(tmp_path / "c.safetensors", names) as w:
+        w.add_group(names[0], mats[names[0]][0])
+    assert not list(tmp_path.glob("*c.safetensors*"))
+
+
+def test_hessian_pass_hands_each_layer_to_the_writer():
+    """With a sink, the accumulator keeps nothing once a group is finished: the file writer gets each ``H``."""
+    from quantforge.calibration.hessian_pass import HessianAccumulator
+
+    got = {}
+    acc = HessianAccumulator({"q": "q", "o": "o"}, sink=lambda g, h: got.__setitem__(g, h))
+    x = torch.randn(2, 5, 4)
+    acc.add("q", x)
+    acc.add("o", x + 1)
+    acc.finish()
+    assert sorted(got) == ["o", "q"] and not acc.done and not acc.sums
+    assert acc.result()[1:] == ({"q": "q", "o": "o"}, {"q": 10, "o": 10})
+
+
 @pytest.mark.parametrize("name", ["q4_k", "q4_0"])
 def test_scale_search_and_hessian_weighting_also_lower_the_error(name):
     """The optional modes (super-scale multiples chosen under error feedback, 1 / U_jj² weighting) write valid

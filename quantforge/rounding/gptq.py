@@ -55,19 +55,23 @@ def inverse_factor(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """Upper Cholesky factor ``U`` (float32) of ``(H + λI)⁻¹``, ``λ = damp · mean diag H``; columns no input ever
     reached (zero diagonal) get a unit diagonal. Computed in float64; the damping grows tenfold until ``H`` is
     positive definite."""
-    H = h.to(torch.float64).clone()
+    H = h.to(torch.float64, copy=True)
     diag = torch.diagonal(H)
     dead = diag <= 0
     diag[dead] = 1.0
     base = float(diag.mean()) if diag.numel() else 1.0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for k in range(6):
-        L, info = torch.linalg.cholesky_ex(H + (damp * 10 ** k) * base * eye)
+    for k in range(6):  # at most three (n, n) float64 matrices alive at once: H, the damped copy, its factor
+        damped = H.clone()
+        damped.diagonal().add_((damp * 10 ** k) * base)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             break
     else:
         raise InputError("the input second-moment matrix is not positive semi-definite; recalibrate")
+    del H, diag
     hinv = torch.cholesky_inverse(L)
+    del L
     return torch.linalg.cholesky(hinv, upper=True).to(torch.float32)
 
 

@@ -11,16 +11,22 @@ A sequential calibration (``calibrate --sequential``, :mod:`quantforge.calibrati
 format as ``sequential.safetensors``: ``H`` of the inputs the *quantized* model feeds each group, plus one float16
 correction matrix ``D`` per group (tensor ``correction/<group>``) that moves each weight's rounding target to
 ``W + W D``, and the tensor types and rounding mode the statistics were made for (metadata ``types``, ``mode``).
+
+Calibration streams the file (:func:`hessian_writer`): each group's matrices go to disk as soon as the group is
+complete, so memory holds one layer's statistics however large the model (an 8B Llama's sequential file is 33 GB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ..errors import CorruptCheckpoint, MissingFile
+from ..errors import CorruptCheckpoint, InternalError, MissingFile
 
 FILE = "hessians.safetensors"
 
@@ -58,26 +64,93 @@ CORRECTION = "correction/"
 """Name prefix of a group's correction matrix in a sequential file."""
 
 
+_DTYPES = {"torch.float32": "F32", "torch.float16": "F16"}
+
+
+class HessianWriter:
+    """Writes a hessians file one group at a time (:func:`hessian_writer` opens it).
+
+    A safetensors file puts its JSON header, with every tensor's byte offsets, before the data. The writer reserves
+    room for the header from the weight names the file may hold (a bound on what their JSON can take), writes each
+    tensor after that room as it comes, and fills the header in last, padded with spaces as the format allows."""
+
+    def __init__(self, f: IO[bytes], names: Iterable[str]) -> None:
+        self._f = f
+        self._reserve = header_bound(names)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._at = 0
+        self.finished = False
+        f.seek(8 + self._reserve)
+
+    def _write(self, name: str, t: Any) -> None:
+        if name in self._entries:
+            raise InternalError(f"input statistics {name!r} written twice")
+        t = t.detach().contiguous().cpu()
+        data = t.numpy().data.cast("B")
+        self._f.write(data)
+        self._entries[name] = {"dtype": _DTYPES[str(t.dtype)], "shape": list(t.shape),
+                               "data_offsets": [self._at, self._at + len(data)]}
+        self._at += len(data)
+
+    def add_group(self, group: str, h: Any, correction: Any = None) -> None:
+        """Write group ``group``'s ``H`` (``(n, n)``, or already :func:`pack_upper`-ed) as its float32 upper triangle,
+        and its sequential correction ``D`` as float16 when given."""
+        self._write(group, (h if h.dim() == 1 else pack_upper(h)).float())
+        if correction is not None:
+            self._write(CORRECTION + group, correction.half())
+
+    def finish(self, members: dict[str, str], tokens: dict[str, int], key: str, types: dict[str, str] | None = None,
+               mode: str | None = None) -> None:
+        """Write the header: ``members`` maps weight -> group; a sequential file (``mode`` given) adds the
+        ``types`` and rounding ``mode`` its statistics were made for."""
+        meta: dict[str, Any] = {"format": "quantforge-hessians", "version": "2", "key": key,
+                                "members": dict(sorted(members.items())), "tokens": dict(sorted(tokens.items()))}
+        if mode is not None:
+            meta.update(types=dict(sorted((types or {}).items())), mode=mode)
+        # one metadata entry: the fields as sorted JSON (safetensors keeps a flat string map)
+        header = {"__metadata__": {META: json.dumps(meta, sort_keys=True)}, **dict(sorted(self._entries.items()))}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > self._reserve:
+            raise InternalError(f"the hessians header needs {len(text)} bytes, {self._reserve} were reserved")
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", self._reserve) + text + b" " * (self._reserve - len(text)))
+        self._f.flush()
+        self.finished = True
+
+
+def header_bound(names: Iterable[str]) -> int:
+    """Bytes that hold the header of a file over weights ``names`` whatever the groups, offsets and shapes.
+
+    A name stands in the header at most five times (its tensor, its correction, as a member and as its group, as
+    a key of ``tokens`` or ``types``); ``json.dumps`` escapes a character to at most 12 bytes and the metadata's
+    JSON string escapes that once more (at most 2x). Rounded up to 8 bytes so the data stays aligned."""
+    total = 4096 + sum(5 * 2 * (12 * len(n) + 2) + 5 * 128 for n in names)
+    return (total + 7) // 8 * 8
+
+
+@contextlib.contextmanager
+def hessian_writer(path: str | os.PathLike[str], names: Iterable[str]) -> Iterator[HessianWriter]:
+    """Open ``path`` for a :class:`HessianWriter` over weights ``names`` (a temporary file renamed into place once
+    :meth:`HessianWriter.finish` has run; an existing file is replaced)."""
+    from ..io import atomic_file
+
+    with atomic_file(path, force=True) as tmp, open(tmp, "r+b") as f:
+        writer = HessianWriter(f, names)
+        yield writer
+        if not writer.finished:
+            raise InternalError("a hessians file was closed before its header was written")
+
+
 def save_hessians(path: str | os.PathLike[str], groups: dict[str, Any], members: dict[str, str],
                   tokens: dict[str, int], key: str, corrections: dict[str, Any] | None = None,
                   types: dict[str, str] | None = None, mode: str | None = None) -> Path:
-    """Write the group matrices (``{group: (n, n) tensor}``, or already :func:`pack_upper`-ed 1-D tensors),
-    atomically; ``members`` maps weight -> group. A sequential file adds ``corrections`` (``{group: D (n, n)}``,
-    stored as float16) and the ``types`` and rounding ``mode`` they were made for."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_file
-
-    meta = {"format": "quantforge-hessians", "version": "2", "key": key,
-            "members": dict(sorted(members.items())), "tokens": dict(sorted(tokens.items()))}
-    tensors = {g: (groups[g] if groups[g].dim() == 1 else pack_upper(groups[g])).float().contiguous().cpu()
-               for g in sorted(groups)}
-    if corrections is not None:
-        meta.update(types=dict(sorted((types or {}).items())), mode=mode or "gptq")
-        tensors.update({CORRECTION + g: corrections[g].half().contiguous().cpu() for g in sorted(corrections)})
-    with atomic_file(path, force=True) as tmp:
-        # one metadata entry: safetensors writes several in an order that changes from process to process
-        save_file(tensors, str(tmp), metadata={META: json.dumps(meta, sort_keys=True)})
+    """Write the group matrices held in memory (``{group: (n, n) tensor}``, or :func:`pack_upper`-ed 1-D tensors)
+    the way calibration streams them; ``members`` maps weight -> group. A sequential file adds ``corrections``
+    (``{group: D (n, n)}``, stored as float16) and the ``types`` and rounding ``mode`` they were made for."""
+    with hessian_writer(path, [*members, *groups]) as w:
+        for g in sorted(groups):
+            w.add_group(g, groups[g], None if corrections is None else corrections.get(g))
+        w.finish(members, tokens, key, types, None if corrections is None else mode or "gptq")
     return Path(path)
 
 
