@@ -1,6 +1,6 @@
 """The GPU quantize paths in one run: bytes, kernel time, end-to-end exports.
 
-1. bytes on the GPU: the Triton Q6_K (with and without an imatrix) and Q8_0 kernels against their PyTorch
+1. bytes on the GPU: the Triton Q4_K, Q5_K, Q6_K (with and without an imatrix) and Q8_0 kernels against their PyTorch
    reference codecs run on the same GPU, and the IQ2_XXS GPU path (Triton row sums, neighbour search and
    coordinate descent) against the PyTorch reference path (the padded-gather search) on the same GPU; after the
    timings, the same GPU paths against the C CPU quantizers (:mod:`quantforge.kernels._cpu_fast`, llama.cpp's
@@ -53,7 +53,7 @@ def _imatrix(n: int, seed: int, device: str):
 def check_bytes() -> list[list[object]]:
     """(path, weights, identical blocks, total blocks) for each GPU kernel against its reference on the GPU."""
     import torch
-    from quantforge.kernels import _iq_common, iq2_xxs, q6_k, q8_0
+    from quantforge.kernels import _iq_common, iq2_xxs, k45, q6_k, q8_0
 
     dev = "cuda"
     rows = []
@@ -67,7 +67,12 @@ def check_bytes() -> list[list[object]]:
     for label, got, ref, ts in (
             ("q8_0 triton vs torch", q8_0.quantize_triton(w), q8_0.quantize_reference(w), 34),
             ("q6_k triton vs torch", q6_k.quantize_triton(w), q6_k.quantize_reference(w), 210),
-            ("q6_k+imatrix triton vs torch", q6_k.quantize_triton(w, im), q6_k.quantize_reference(w, im), 210)):
+            ("q6_k+imatrix triton vs torch", q6_k.quantize_triton(w, im), q6_k.quantize_reference(w, im), 210),
+            ("q4_k triton vs torch", k45.Q4_K.quantize_triton(w), k45.Q4_K.quantize_reference(w), 144),
+            ("q4_k+imatrix triton vs torch", k45.Q4_K.quantize_triton(w, im), k45.Q4_K.quantize_reference(w, im),
+             144),
+            ("q5_k+imatrix triton vs torch", k45.Q5_K.quantize_triton(w, im), k45.Q5_K.quantize_reference(w, im),
+             176)):
         same, total = blocks(got, ref, ts)
         rows.append([label, w.numel(), same, total, "yes" if same == total else "NO"])
     w = _heavy(256, 4096, 3, dev)
@@ -85,7 +90,7 @@ def check_bytes() -> list[list[object]]:
 
 def check_cpu() -> list[list[object]]:
     """The GPU paths against the C CPU quantizers on the same weights (empty when the extension is not built)."""
-    from quantforge.kernels import _cpu_fast, iq2_xxs, q6_k, q8_0
+    from quantforge.kernels import _cpu_fast, iq2_xxs, k45, q6_k, q8_0
 
     if _cpu_fast.library() is None:
         print(f"C quantizers unavailable: {_cpu_fast.load_error()}")
@@ -94,7 +99,9 @@ def check_cpu() -> list[list[object]]:
     im = _imatrix(4096, 7, "cuda")
     rows = []
     for label, fn, m, ts in (("q8_0", q8_0.quantize, None, 34), ("q6_k", q6_k.quantize, None, 210),
-                             ("q6_k+imatrix", q6_k.quantize, im, 210), ("iq2_xxs+imatrix", iq2_xxs.quantize, im, 66)):
+                             ("q6_k+imatrix", q6_k.quantize, im, 210), ("iq2_xxs+imatrix", iq2_xxs.quantize, im, 66),
+                             ("q4_k+imatrix", k45.Q4_K.quantize, im, 144),
+                             ("q5_k+imatrix", k45.Q5_K.quantize, im, 176)):
         gpu = fn(w, m).cpu().reshape(-1, ts)
         cpu = fn(w.cpu(), None if m is None else m.cpu()).reshape(-1, ts)
         same = int((gpu == cpu).all(dim=1).sum())
@@ -121,6 +128,8 @@ def time_kernels(repeats: int) -> list[list[object]]:
 
     small = w[:2048]
     cases = [("q4_k triton", lambda: k45.Q4_K.quantize_triton(w), w),
+             ("q4_k+imatrix triton", lambda: k45.Q4_K.quantize_triton(w, im), w),
+             ("q4_k+imatrix torch (before)", lambda: k45.Q4_K.quantize_reference(w, im), w),
              ("q6_k triton", lambda: q6_k.quantize_triton(w), w),
              ("q6_k+imatrix triton", lambda: q6_k.quantize_triton(w, im), w),
              ("q6_k torch (before)", lambda: q6_k.quantize_reference(w), w),

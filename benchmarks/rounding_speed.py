@@ -1,12 +1,13 @@
 """Optimized-rounding speed on a Llama-3.1-8B-shaped checkpoint (``export_speed.py``'s random bf16 weights,
 SmolLM2 tokenizer): the input second moments ``XᵀX`` that ``calibrate --hessians`` saves, then ``quantize --type
-q4_k_m --optimize gptq --calibration DIR --device D``, each timed as its own process (wall time, peak RSS), with
-the default rounding's ``quantize --type q4_k_m`` in the same run as the anchor. Goal: ``gptq`` end to end
-(``XᵀX`` + quantize) under 10 minutes.
+q4_k_m --optimize gptq --calibration DIR --device D`` (and ``--optimize tune`` with ``--stages ...,tune``), each
+timed as its own process (wall time, peak RSS), with the default rounding's ``quantize --type q4_k_m`` in the same
+run as the anchor; ``--stages sequential`` times ``calibrate --sequential q4_k_m`` and the gptq quantize on its
+statistics, in the folder ``calibrate_speed.py`` filled. Goal: ``gptq`` end to end (``XᵀX`` + quantize) under 10 minutes.
 
     python benchmarks/rounding_speed.py --dir /tmp/l8b --tokenizer .bench/qlora/smollm2 \\
         --data ../shared/data/wikitext-2/wiki.valid.raw [--device cuda] [--tokens 32768] [--ctx 512] \\
-        [--stages hessians,rtn,gptq] [--layers 32]
+        [--stages hessians,rtn,gptq,tune] [--layers 32]
 
 The ``XᵀX`` stage runs :func:`quantforge.calibration.hessian_pass.calibrate_hessians`, the part of ``calibrate
 --hessians`` that gptq needs (the command also runs the sensitivity stage, which quantizing does not read); the
@@ -28,7 +29,8 @@ from _common import measure, table  # noqa: E402
 from export_speed import LLAMA_8B, QF, add_checkpoint_args, checkpoint_from_args  # noqa: E402
 
 GOAL_S = 600.0
-STAGES = ("hessians", "rtn", "gptq")
+STAGES = ("hessians", "rtn", "gptq", "tune", "sequential")
+DEFAULT_STAGES = ("hessians", "rtn", "gptq")
 
 
 def hessian_bytes(cfg: dict) -> int:
@@ -38,10 +40,37 @@ def hessian_bytes(cfg: dict) -> int:
     return cfg["num_hidden_layers"] * 4 * (3 * h * (h + 1) // 2 + f * (f + 1) // 2)
 
 
+def sequential_rows(model: Path, cal: Path, args: argparse.Namespace) -> list[list[object]]:
+    """``calibrate --sequential q4_k_m`` into ``cal`` (the folder ``calibrate_speed.py`` filled: its imatrix and
+    sensitivity tables are reused by the command's cache), then ``quantize --optimize gptq`` on those statistics;
+    both files are removed afterwards (the sequential file of the 32-layer model takes 33 GB)."""
+    if not (cal / "imatrix.gguf").is_file():
+        raise SystemExit(f"{cal / 'imatrix.gguf'} missing: run benchmarks/calibrate_speed.py with this --dir first")
+    seq = cal / "sequential.safetensors"
+    seq.unlink(missing_ok=True)
+    cmd = [*QF, "calibrate", str(model), "--data", str(args.data), "--tokens", str(args.tokens), "--ctx",
+           str(args.ctx), "--device", args.device, "-o", str(cal), "--sequential", "q4_k_m", "--quiet"]
+    wall, rss = measure(cmd)
+    rows = [["calibrate --sequential q4_k_m (imatrix, sensitivity cached)", round(wall, 1), round(rss),
+             f"{seq.stat().st_size / 1e9:.2f} GB file"]]
+    print(rows[-1], flush=True)
+    out = cal.parent / "q4_k_m-seq-gptq.gguf"
+    wall, rss = measure([*QF, "quantize", str(model), "--format", "gguf", "--type", "q4_k_m", "--device",
+                         args.device, "-o", str(out), "--quiet", "--force", "--optimize", "gptq", "--calibration",
+                         str(cal)])
+    rows.append(["quantize --type q4_k_m --optimize gptq (sequential statistics)", round(wall, 1), round(rss),
+                 f"{out.stat().st_size / 1e9:.2f} GB GGUF"])
+    print(rows[-1], flush=True)
+    out.unlink()
+    seq.unlink()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_checkpoint_args(ap, calibration=True)
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
+    ap.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                    help=f"comma-separated, of {', '.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     args = ap.parse_args()
     import torch
 
@@ -70,30 +99,36 @@ def main() -> None:
                      round(rss), f"{size / 1e9:.2f} GB file (expected {hessian_bytes(cfg) / 1e9:.2f} GB packed, "
                                  f"{2 * hessian_bytes(cfg) / 1e9:.1f} GB as full matrices)"])
         print(rows[-1], flush=True)
-    for mode in ("rtn", "gptq"):
+    for mode in ("rtn", "gptq", "tune"):
         if mode not in stages:
             continue
         out = work / f"q4_k_m-{mode}.gguf"
         out.unlink(missing_ok=True)
         cmd = [*QF, "quantize", str(model), "--format", "gguf", "--type", "q4_k_m", "--device", args.device,
                "-o", str(out), "--quiet", "--force"]
-        if mode == "gptq":
+        if mode != "rtn":
             if not hess.is_file():
                 raise SystemExit(f"{hess} missing: run the hessians stage first")
-            cmd += ["--optimize", "gptq", "--calibration", str(cal)]
+            cmd += ["--optimize", mode, "--calibration", str(cal)]
         wall, rss = measure(cmd)
         walls[mode] = wall
-        rows.append([f"quantize --type q4_k_m{' --optimize gptq' if mode == 'gptq' else ''}", round(wall, 1),
+        rows.append([f"quantize --type q4_k_m{'' if mode == 'rtn' else ' --optimize ' + mode}", round(wall, 1),
                      round(rss), f"{out.stat().st_size / 1e9:.2f} GB GGUF"])
         print(rows[-1], flush=True)
-        if mode == "gptq":
+        if mode != "rtn":
             out.unlink()  # keeps the disk for the next call (the 8B checkpoint and XᵀX already take ~33 GB)
+    if "sequential" in stages:
+        rows += sequential_rows(model, work / "cal", args)
+        walls["sequential"] = rows[-2][1] + rows[-1][1]
     print(f"\nLlama-3.1-8B-shaped ({args.layers} layers), device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
     print(table(["stage (own process)", "wall s", "peak RSS MiB", "output"], rows))
-    if "gptq" in walls:
-        base = f", {walls['gptq'] / walls['rtn']:.1f}x the default rounding's quantize" if "rtn" in walls else ""
-        print(f"gptq quantize {walls['gptq']:.0f} s{base}")
+    if "sequential" in walls:
+        print(f"sequential gptq end to end (statistics + quantize, after calibrate) {walls['sequential']:.0f} s")
+    for mode in ("gptq", "tune"):
+        if mode in walls:
+            base = f", {walls[mode] / walls['rtn']:.1f}x the default rounding's quantize" if "rtn" in walls else ""
+            print(f"{mode} quantize {walls[mode]:.0f} s{base}")
     if "gptq" in walls and "hessians" in walls:
         total = walls["gptq"] + walls["hessians"]
         if args.layers == LLAMA_8B["num_hidden_layers"] and args.device == "cuda":

@@ -185,6 +185,10 @@ def requant_sym(xs: torch.Tensor, L: torch.Tensor, dj: torch.Tensor, lo: int, hi
     return torch.where(dj != 0, new, L)
 
 
+Q45_IMATRIX_SEARCH = (-0.9, 0.05, 36)
+"""``make_qkx3_quants``' (rmin, rdelta, nstep) in ``quantize_row_q{4,5}_K_impl`` (the imatrix path)."""
+
+
 def q45_encode(
     x: torch.Tensor, qw: torch.Tensor | None, nmax: int, ref_search: tuple[float, float, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,7 +218,7 @@ def q45_encode(
         sigma2 = divc(block_sum_sq(x).mul_(2.0), 256.0)
         w = to_groups(sqrt_f32(torch.mul(x, x).add_(sigma2[:, None])).mul_(qw), 32)
         sw = seqsum(w)
-        scale, the_min, L = qkx_search_t(xs, w, nmax, -0.9, 0.05, 36, False, strict_flat=False)
+        scale, the_min, L = qkx_search_t(xs, w, nmax, *Q45_IMATRIX_SEARCH, False, strict_flat=False)
         swt = sw.view(S, 8).t().contiguous()
         d_block, ls = qp_search_t(scale.view(S, 8).t().contiguous(), 63, swt)
         m_block, lm = qp_search_t(the_min.view(S, 8).t().contiguous(), 63, swt)

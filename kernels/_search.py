@@ -299,6 +299,12 @@ def _descent(
     return sumlx, suml2
 
 
+@functools.lru_cache(maxsize=None)
+def qp_steps(nmax: int) -> tuple[float, ...]:
+    """``make_qp_quants``' grid stretches ``0.1 k + nmax``, ``k = ±1 ... ±4`` in its order (float32 values)."""
+    return tuple(f32(f32(f32(0.1) * k) + nmax) for k in (-4, -3, -2, -1, 1, 2, 3, 4))
+
+
 def qp_search_t(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`make_qp_quants` on the transposed layout: ``x`` ``(n, G)`` (>= 0) -> ``(scale (G,), L (n, G) int32)``."""
     mx = x.amax(dim=0).clamp_(min=0.0)
@@ -312,8 +318,8 @@ def qp_search_t(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tens
         return seqsum(d.mul(w).mul_(d), scratch=True)
 
     best = mse(torch.mul(x, iscale).round_(), scale)
-    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
-        isc = cdiv(f32(f32(f32(0.1) * k) + nmax), mx)
+    for step in qp_steps(nmax):
+        isc = cdiv(step, mx)
         cur = mse(torch.mul(x, isc).round_().clamp_(max=nmax), cdiv(1.0, isc))
         acc = cur < best
         best = torch.where(acc, cur, best)

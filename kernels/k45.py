@@ -11,11 +11,14 @@ Quantization follows ``quantize_row_q{4,5}_K_ref`` without an imatrix and ``quan
 (GGUF.md §2.2), vectorized over all super-blocks (:mod:`._kq_common`, :mod:`._search`); the Triton dequantize goes
 through the registry tiles (:mod:`.tiles`).
 
-Without an imatrix, CUDA tensors are quantized by one Triton kernel (:func:`quantize_triton`) with the reference's
-bytes: each program takes ``BLOCK_S`` super-blocks as a ``(BLOCK_S, 8)`` tile of sub-blocks and walks the 32
-positions of a sub-block in order for every pass of the search, so each sub-block's float32 sums are the
-reference's sequential sums; every operation rounds once (``enable_fp_fusion=False``, ``div_rn``, ``sqrt_rn``,
-round-half-even through ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for the code ranges here).
+CUDA tensors are quantized by one Triton kernel (:func:`quantize_triton`) with the reference's bytes, with and
+without an imatrix: each program takes ``BLOCK_S`` super-blocks as a ``(BLOCK_S, 8)`` tile of sub-blocks and walks
+the 32 positions of a sub-block in order for every pass of the search, so each sub-block's float32 sums are the
+reference's sequential sums (the imatrix path's ``make_qp_quants`` of the eight sub-block scales sums the tile's
+columns left to right); every operation rounds once (``enable_fp_fusion=False``, ``div_rn``, ``sqrt_rn``,
+round-half-even through ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for the code ranges here). Error-feedback
+rounding calls it once per 256-column block with the imatrix, where the PyTorch codec's ~4,000 small launches
+per call would bound the GPU.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedFormat
 from ..formats import QuantFormat, get_format
-from ._kq_common import byte_blocks, fp16_bytes, q45_encode, q45_scales, quantize_rows
-from ._search import f32
+from ._kq_common import Q45_IMATRIX_SEARCH, byte_blocks, fp16_bytes, q45_encode, q45_scales, quantize_rows
+from ._search import f32, qp_steps
 from ._triton import HAVE_TRITON, check_launchable, tl, triton
 
 BLOCK_S = 32
@@ -54,14 +58,84 @@ if HAVE_TRITON:
         return tl.minimum(tl.maximum(rne((x - m) * isc), 0.0), NMAX)
 
     @triton.jit
-    def _q45_kernel(x_ptr, out_ptr, cand_ptr, S, NMAX: tl.constexpr, NSTEP: tl.constexpr, FIVE: tl.constexpr,
-                    TYPE_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _weight(xi, wbase, i, mask, av, sigma2, HAS_QW: tl.constexpr):
+        """The search's weight of element ``i`` of each sub-block: ``qw sqrt(σ² + x²)`` with an imatrix, else
+        ``|x| + av``."""
+        if HAS_QW:
+            return tl.sqrt_rn(xi * xi + sigma2) * tl.load(wbase + i, mask=mask, other=0.0)
+        else:
+            return tl.abs(xi) + av
+
+    @triton.jit
+    def _col(t, j, c):
+        """Column ``c`` of a ``(BLOCK_S, 8)`` float tile, exactly (the other lanes add -0.0)."""
+        return tl.sum(tl.where(j[None, :] == c, t, -0.0), axis=1)
+
+    @triton.jit
+    def _qp_mse(v, sw, lv, s, j):
+        """``Σ_c sw (v - s lv)²`` over the 8 columns, left to right."""
+        d = v - lv * s[:, None]
+        e = (d * sw) * d
+        acc = tl.zeros_like(s)
+        for c in tl.static_range(8):
+            acc = acc + _col(e, j, c)
+        return acc
+
+    @triton.jit
+    def _qp_search(v, sw, j, qp_ptr, NMAX: tl.constexpr):
+        """ggml's ``make_qp_quants`` on each row of ``v`` ``(BLOCK_S, 8)`` (weights ``sw``): the least-squares
+        scale and the codes ``(BLOCK_S, 8)`` (float, at most ``NMAX``; the reference's operation order)."""
+        mx = tl.maximum(tl.max(v, axis=1), 0.0)
+        zero = mx < 1e-15
+        mx = tl.where(zero, 1.0, mx)
+        one = tl.zeros_like(mx) + 1.0
+        iscale = tl.math.div_rn(one * NMAX, mx)
+        best = _qp_mse(v, sw, rne(v * iscale[:, None]), tl.math.div_rn(one, iscale), j)
+        for k in tl.static_range(8):
+            isc = tl.math.div_rn(one * tl.load(qp_ptr + k), mx)
+            cur = _qp_mse(v, sw, tl.minimum(rne(v * isc[:, None]), NMAX), tl.math.div_rn(one, isc), j)
+            acc = cur < best
+            best = tl.where(acc, cur, best)
+            iscale = tl.where(acc, isc, iscale)
+        L = tl.minimum(rne(v * iscale[:, None]), NMAX)
+        wx = sw * v
+        sumlx = tl.zeros_like(mx)
+        suml2 = tl.zeros_like(mx)
+        for c in tl.static_range(8):
+            sumlx = sumlx + _col(wx * L, j, c)
+            suml2 = suml2 + _col((sw * L) * L, j, c)
+        # coordinate descent, 5 passes: a pass that moves nothing leaves the state as it was, so running every
+        # pass is the reference's early exit
+        for _p in tl.static_range(5):
+            for c in tl.static_range(8):
+                xc = _col(v, j, c)
+                wc = _col(sw, j, c)
+                wxc = _col(wx, j, c)
+                lc = _col(L, j, c)
+                slx = sumlx - wxc * lc
+                sl2 = suml2 - (wc * lc) * lc
+                go = (slx > 0) & (sl2 > 0)
+                new = tl.minimum(rne(tl.math.div_rn(xc * sl2, tl.where(go, slx, 1.0))), NMAX)
+                go = go & (new != lc)
+                slx = slx + wxc * new
+                sl2 = sl2 + (wc * new) * new
+                go = go & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                L = tl.where((j[None, :] == c) & go[:, None], new[:, None], L)
+                sumlx = tl.where(go, slx, sumlx)
+                suml2 = tl.where(go, sl2, suml2)
+        scale = tl.where(suml2 > 0, tl.math.div_rn(sumlx, tl.where(suml2 > 0, suml2, 1.0)), 0.0)
+        return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0.0, L)
+
+    @triton.jit
+    def _q45_kernel(x_ptr, qw_ptr, out_ptr, cand_ptr, qp_ptr, S, SB_ROW, NMAX: tl.constexpr, NSTEP: tl.constexpr,
+                    FIVE: tl.constexpr, HAS_QW: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
         pid = tl.program_id(0)
         sb = pid * BLOCK_S + tl.arange(0, BLOCK_S)
         j = tl.arange(0, 8)
         ok = sb < S
         mask = ok[:, None] & (j[None, :] < 8)
         base = x_ptr + sb.to(tl.int64)[:, None] * 256 + j[None, :] * 32
+        wbase = qw_ptr + (sb % SB_ROW)[:, None] * 256 + j[None, :] * 32
         zero = tl.zeros([BLOCK_S, 8], dtype=tl.float32)
         # pass 1: sum of squares, min, max (sequential over the 32 positions)
         sq = zero
@@ -73,12 +147,20 @@ if HAVE_TRITON:
             mn = tl.minimum(mn, xi)
             mx = tl.maximum(mx, xi)
         av = tl.sqrt_rn(tl.math.div_rn(sq, zero + 32.0))
-        # pass 2: weights w = |x| + av, sum_w, sum_x = sum(w * x)
+        sigma2 = zero
+        if HAS_QW:  # σ² = 2 Σx² / 256 over the super-block, summed left to right
+            ss = tl.zeros([BLOCK_S], dtype=tl.float32)
+            row = x_ptr + sb.to(tl.int64) * 256
+            for i in range(256):
+                xi = tl.load(row + i, mask=ok, other=0.0)
+                ss = ss + xi * xi
+            sigma2 = zero + tl.math.div_rn(ss * 2.0, tl.zeros_like(ss) + 256.0)[:, None]
+        # pass 2: the weights, sum_w, sum_x = sum(w * x)
         sum_w = zero
         sum_x = zero
         for i in range(32):
             xi = tl.load(base + i, mask=mask, other=0.0)
-            w = tl.abs(xi) + av
+            w = _weight(xi, wbase, i, mask, av, sigma2, HAS_QW)
             sum_w = sum_w + w
             sum_x = sum_x + w * xi
         mn = tl.minimum(mn, 0.0)
@@ -89,7 +171,7 @@ if HAVE_TRITON:
         best = zero
         for i in range(32):
             xi = tl.load(base + i, mask=mask, other=0.0)
-            w = tl.abs(xi) + av
+            w = _weight(xi, wbase, i, mask, av, sigma2, HAS_QW)
             d = _codes(xi, mn, iscale, NMAX) * scale + mn - xi
             best = best + d * d * w
         best_iscale = iscale
@@ -102,7 +184,7 @@ if HAVE_TRITON:
             sum_xl = zero
             for i in range(32):
                 xi = tl.load(base + i, mask=mask, other=0.0)
-                w = tl.abs(xi) + av
+                w = _weight(xi, wbase, i, mask, av, sigma2, HAS_QW)
                 a = w * _codes(xi, cur_min, isc, NMAX)
                 sum_l = sum_l + a
                 sum_l2 = sum_l2 + a * _codes(xi, cur_min, isc, NMAX)
@@ -116,7 +198,7 @@ if HAVE_TRITON:
             cur = zero
             for i in range(32):
                 xi = tl.load(base + i, mask=mask, other=0.0)
-                w = tl.abs(xi) + av
+                w = _weight(xi, wbase, i, mask, av, sigma2, HAS_QW)
                 d = _codes(xi, cur_min, isc, NMAX) * this_scale + this_min - xi
                 cur = cur + d * d * w
             acc = (D > 0) & (cur < best)
@@ -127,18 +209,26 @@ if HAVE_TRITON:
             cur_min = tl.where(acc, this_min, cur_min)
         the_min = -tl.where(flat, mn, cur_min)
         scale = tl.where(flat, 0.0, scale)
-        # super-block scales: 6-bit sub-block scales and mins against the largest of each
-        max_scale = tl.max(scale, axis=1)
-        max_scale = tl.where(max_scale > 0, max_scale, 0.0)
-        max_min = tl.max(the_min, axis=1)
-        max_min = tl.where(max_min > 0, max_min, 0.0)
-        one = tl.zeros([BLOCK_S], dtype=tl.float32) + 1.0
-        inv_s = tl.where(max_scale > 0, tl.math.div_rn(one * 63.0, tl.where(max_scale > 0, max_scale, 1.0)), 0.0)
-        inv_m = tl.where(max_min > 0, tl.math.div_rn(one * 63.0, tl.where(max_min > 0, max_min, 1.0)), 0.0)
-        ls = tl.minimum(rne(scale * inv_s[:, None]).to(tl.int32) & 255, 63)
-        lm = tl.minimum(rne(the_min * inv_m[:, None]).to(tl.int32) & 255, 63)
-        d16 = tl.math.div_rn(max_scale, one * 63.0).to(tl.float16)
-        m16 = tl.math.div_rn(max_min, one * 63.0).to(tl.float16)
+        if HAS_QW:  # super-block scales: make_qp_quants of the sub-block scales and mins, weighted by sum_w
+            d_blk, lsf = _qp_search(scale, sum_w, j, qp_ptr, 63)
+            m_blk, lmf = _qp_search(the_min, sum_w, j, qp_ptr, 63)
+            ls = lsf.to(tl.int32) & 255
+            lm = lmf.to(tl.int32) & 255
+            d16 = d_blk.to(tl.float16)
+            m16 = m_blk.to(tl.float16)
+        else:  # super-block scales: 6-bit sub-block scales and mins against the largest of each
+            max_scale = tl.max(scale, axis=1)
+            max_scale = tl.where(max_scale > 0, max_scale, 0.0)
+            max_min = tl.max(the_min, axis=1)
+            max_min = tl.where(max_min > 0, max_min, 0.0)
+            one = tl.zeros([BLOCK_S], dtype=tl.float32) + 1.0
+            inv_s = tl.where(max_scale > 0, tl.math.div_rn(one * 63.0, tl.where(max_scale > 0, max_scale, 1.0)),
+                             0.0)
+            inv_m = tl.where(max_min > 0, tl.math.div_rn(one * 63.0, tl.where(max_min > 0, max_min, 1.0)), 0.0)
+            ls = tl.minimum(rne(scale * inv_s[:, None]).to(tl.int32) & 255, 63)
+            lm = tl.minimum(rne(the_min * inv_m[:, None]).to(tl.int32) & 255, 63)
+            d16 = tl.math.div_rn(max_scale, one * 63.0).to(tl.float16)
+            m16 = tl.math.div_rn(max_min, one * 63.0).to(tl.float16)
         dj = d16.to(tl.float32)[:, None] * ls.to(tl.float32)
         mj = m16.to(tl.float32)[:, None] * lm.to(tl.float32)
         out = out_ptr + sb.to(tl.int64) * TYPE_SIZE
@@ -217,29 +307,42 @@ class K45Codec:
     def quantize(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
         """``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, as ggml (ref path without imatrix).
 
-        CUDA tensors without an imatrix go to the Triton kernel (:meth:`quantize_triton`, same bytes)."""
-        if imatrix is None and weight.is_cuda and HAVE_TRITON:
-            return self.quantize_triton(weight)
+        CUDA tensors go to the Triton kernel (:meth:`quantize_triton`, same bytes)."""
+        if weight.is_cuda and HAVE_TRITON:
+            return self.quantize_triton(weight, imatrix)
+        return self.quantize_reference(weight, imatrix)
+
+    def quantize_reference(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """The vectorized PyTorch codec (any device; the C kernels on CPU unless ``QUANTFORGE_CPU_KERNELS=torch``)
+        that :meth:`quantize_triton` reproduces byte for byte."""
         return quantize_rows(weight, imatrix, self.fmt, self._encode)
 
-    def quantize_triton(self, weight: torch.Tensor) -> torch.Tensor:
-        """The no-imatrix quantization of :meth:`quantize` as one Triton kernel (CUDA, or CPU under
-        ``TRITON_INTERPRET=1``): ``(rows, n)`` float -> ``(rows, n/256*type_size)`` uint8, the reference's bytes."""
+    def quantize_triton(self, weight: torch.Tensor, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`quantize` as one Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``): ``(rows, n)`` float ->
+        ``(rows, n/256*type_size)`` uint8, the reference's bytes with and without ``imatrix`` ``(n,)``."""
         fmt = self.fmt
         x, out, S = triton_io(weight, fmt, lambda r: quantize_rows(r, None, fmt, self._encode))
         if S == 0:
             return out
-        nstep = self.ref_search[2]
+        qw = x
+        search = self.ref_search
+        if imatrix is not None:
+            if imatrix.dim() != 1 or imatrix.shape[0] != x.shape[1]:
+                raise UnsupportedFormat(f"imatrix for {fmt.name} must have one value per column ({x.shape[1]},), "
+                                        f"got shape {tuple(imatrix.shape)}")
+            qw = imatrix.to(device=x.device, dtype=torch.float32).contiguous()
+            search = Q45_IMATRIX_SEARCH
         nmax = 31 if self.five_bit else 15
-        cand = self._candidates(x.device)
         grid = (triton.cdiv(S, BLOCK_S),)
-        _q45_kernel[grid](x, out, cand, S, NMAX=nmax, NSTEP=nstep, FIVE=self.five_bit, TYPE_SIZE=fmt.type_size,
-                          BLOCK_S=BLOCK_S, num_warps=4, enable_fp_fusion=False)
+        cand, qp = self._candidates(x.device, search), device_constant(qp_steps(63), x.device)
+        _q45_kernel[grid](x, qw, out, cand, qp, S, x.shape[1] // 256, NMAX=nmax, NSTEP=search[2], FIVE=self.five_bit,
+                          HAS_QW=imatrix is not None, TYPE_SIZE=fmt.type_size, BLOCK_S=BLOCK_S, num_warps=4,
+                          enable_fp_fusion=False)
         return out
 
-    def _candidates(self, device: torch.device) -> torch.Tensor:
+    def _candidates(self, device: torch.device, search: tuple[float, float, int]) -> torch.Tensor:
         """The search's code ranges ``rmin + rdelta * k + nmax`` (float32), on ``device``."""
-        rmin, rdelta, nstep = self.ref_search
+        rmin, rdelta, nstep = search
         nmax = 31 if self.five_bit else 15
         return device_constant(tuple(f32(f32(f32(rmin) + f32(f32(rdelta) * k)) + nmax) for k in range(nstep + 1)),
                                device)

@@ -192,6 +192,12 @@ def test_hessian_file_is_streamed_group_by_group(tmp_path):
     with pytest.raises(InternalError), hessian_writer(tmp_path / "c.safetensors", names) as w:
         w.add_group(names[0], mats[names[0]][0])
     assert not list(tmp_path.glob("*c.safetensors*"))
+    long = '"\\' * 100 + "\U0001f600" * 100  # escapes to the most bytes, shared by many short names
+    short = [str(i) for i in range(200)]
+    with hessian_writer(tmp_path / "d.safetensors", [long, *short]) as w:
+        w.add_group(long, mats[names[0]][0], mats[names[0]][1])
+        w.finish({n: long for n in [long, *short]}, {long: 64}, "key", types={n: "q4_k" for n in short}, mode="gptq")
+    assert Hessians(tmp_path / "d.safetensors").members[short[-1]] == long
 
 
 def test_hessian_pass_hands_each_layer_to_the_writer():

@@ -121,10 +121,13 @@ class HessianWriter:
 def header_bound(names: Iterable[str]) -> int:
     """Bytes that hold the header of a file over weights ``names`` whatever the groups, offsets and shapes.
 
-    A name stands in the header at most five times (its tensor, its correction, as a member and as its group, as
-    a key of ``tokens`` or ``types``); ``json.dumps`` escapes a character to at most 12 bytes and the metadata's
-    JSON string escapes that once more (at most 2x). Rounded up to 8 bytes so the data stays aligned."""
-    total = 4096 + sum(5 * 2 * (12 * len(n) + 2) + 5 * 128 for n in names)
+    Per weight the header holds at most six names (its tensor, its correction, its ``members`` entry's key and
+    group, its ``tokens`` and ``types`` keys), each as long as the longest name at most, plus numbers and field names
+    (under 128 bytes a name); ``json.dumps`` escapes a character to at most 12 bytes and the metadata's JSON string
+    escapes that once more (at most 2x). Rounded up to 8 bytes so the data stays aligned."""
+    names = list(names)
+    longest = max((len(n) for n in names), default=0)
+    total = 4096 + len(names) * 6 * (2 * (12 * longest + 2) + 128)
     return (total + 7) // 8 * 8
 
 
