@@ -178,9 +178,11 @@ def collect_sequential(runner: DecoderRunner, names: dict[int, str], chunks: lis
                         del x_f[head]
                         H /= T
                         C /= T
-                        h32 = unpack_upper(pack_upper(H)).to(runner.device)  # what the saved file gives back
+                        packed = pack_upper(H)
+                        h32 = unpack_upper(packed).to(runner.device)  # what the saved file gives back
                         d32 = correction(C, H, damp).to(torch.float16).to(torch.float32)
-                        sink(head, h32, d32)
+                        sink(head, packed, d32)
+                        del packed
                         out["tokens"][head] = T
                         for name in g:
                             mod = mods[name]
