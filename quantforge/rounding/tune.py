@@ -37,6 +37,7 @@ import torch
 
 from ..errors import InputError, UnsupportedFormat
 from ..formats import QuantFormat
+from ..kernels.code_sweep import sweep_codes
 from .grids import CodeGrid, affine, get_f16, grid_for, set_f16, with_codes
 
 ITERS = 0
@@ -190,24 +191,16 @@ def _gradient(grid: CodeGrid, W: torch.Tensor, H: torch.Tensor, s: torch.Tensor,
 def _sweep_codes(grid: CodeGrid, W: torch.Tensor, H: torch.Tensor, s: torch.Tensor, o: torch.Tensor,
                  live: torch.Tensor, codes: torch.Tensor, deq0: torch.Tensor, batch: int = 128) -> None:
     """One pass over the columns, moving each weight's code one step up or down wherever that lowers
-    ``Σ_rows Δ H Δᵀ`` exactly (the change is ``2 δ G_j + δ² H_jj`` for a value step ``δ``); ``codes`` is updated in
-    place. The gradient of the columns of a batch is kept current inside it, the rest once per batch."""
+    ``Σ_rows Δ H Δᵀ`` exactly (:func:`~quantforge.kernels.code_sweep.sweep_codes`: one Triton launch per batch of
+    columns on CUDA); ``codes`` is updated in place. The gradient of the columns of a batch is kept current inside
+    it, the rest once per batch."""
     R, n = W.shape
     top = len(grid.values) - 1
     G = _gradient(grid, W, H, s, o, live, codes, deq0)
+    s, live, H = s.contiguous(), live.contiguous(), H.contiguous()
     for b0 in range(0, n, batch):
         b1 = min(n, b0 + batch)
-        D = torch.zeros((R, b1 - b0), device=W.device)
-        for j in range(b0, b1):
-            sj, gj, hjj = s[:, j], G[:, j], H[j, j]
-            quad = sj * sj * hjj
-            d_up = torch.where(live[:, j] & (codes[:, j] < top), quad + 2 * sj * gj, 0.0)
-            d_dn = torch.where(live[:, j] & (codes[:, j] > 0), quad - 2 * sj * gj, 0.0)
-            k = torch.where((d_up < 0) & (d_up <= d_dn), 1, torch.where(d_dn < 0, -1, 0))
-            codes[:, j] += k
-            delta = k.to(torch.float32) * sj
-            D[:, j - b0] = delta
-            G[:, b0:b1].addcmul_(delta[:, None], H[j, b0:b1][None, :])
+        D = sweep_codes(G, s, live, codes, H, b0, b1, top)
         if b0 > 0:
             G[:, :b0].addmm_(D, H[b0:b1, :b0])
         if b1 < n:
