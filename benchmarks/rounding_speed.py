@@ -3,7 +3,8 @@ SmolLM2 tokenizer): the input second moments ``XᵀX`` that ``calibrate --hessia
 q4_k_m --optimize gptq --calibration DIR --device D`` (and ``--optimize tune`` with ``--stages ...,tune``), each
 timed as its own process (wall time, peak RSS), with the default rounding's ``quantize --type q4_k_m`` in the same
 run as the anchor; ``--stages sequential`` times ``calibrate --sequential q4_k_m`` and the gptq quantize on its
-statistics, in the folder ``calibrate_speed.py`` filled. Goal: ``gptq`` end to end (``XᵀX`` + quantize) under 10 minutes.
+statistics, in the folder ``calibrate_speed.py`` filled. On CUDA the modes' kernels are first checked against
+their PyTorch references on the GPU. Goal: ``gptq`` end to end (``XᵀX`` + quantize) under 10 minutes.
 
     python benchmarks/rounding_speed.py --dir /tmp/l8b --tokenizer .bench/qlora/smollm2 \\
         --data ../shared/data/wikitext-2/wiki.valid.raw [--device cuda] [--tokens 32768] [--ctx 512] \\
@@ -38,6 +39,44 @@ def hessian_bytes(cfg: dict) -> int:
     (intermediate²), upper triangles."""
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     return cfg["num_hidden_layers"] * 4 * (3 * h * (h + 1) // 2 + f * (f + 1) // 2)
+
+
+def kernel_checks(device: str, R: int = 4096) -> list[list[object]]:
+    """The optimized modes' GPU kernels against their PyTorch references on ``device`` (same inputs): gptq's
+    feedback block, tune's code sweep and the Q4_K quantize with an imatrix that gptq calls per block."""
+    import torch
+    from quantforge.kernels.code_sweep import sweep_codes_reference, sweep_codes_triton
+    from quantforge.kernels.feedback import feedback_block_reference, feedback_block_triton
+    from quantforge.kernels.k45 import Q4_K
+    from quantforge.rounding.gptq import inverse_factor
+
+    g = torch.Generator(device=device).manual_seed(0)
+    B, n = 256, 1024
+    x = torch.randn(4 * n, n, generator=g, device=device)
+    h = x.t() @ x / x.shape[0]
+    u = inverse_factor(h[:B, :B]).contiguous()
+    s = (torch.rand(B, R, generator=g, device=device) + 0.5) * 0.02
+    o = -8 * s
+    w = o + s * torch.rand(B, R, generator=g, device=device) * 17 - s
+    values = torch.arange(16, dtype=torch.float32, device=device)
+    w1, w2 = w.clone(), w.clone()
+    c1, e1 = feedback_block_reference(w1, s, o, u, values, True)
+    c2, e2 = feedback_block_triton(w2, s, o, u, values, True)
+    rows = [[f"gptq feedback block (256 x {R})", torch.equal(c1, c2) and torch.equal(e1, e2) and torch.equal(w1, w2)]]
+    st = (torch.rand(R, n, generator=g, device=device) + 0.5) * 0.02
+    live = torch.rand(R, n, generator=g, device=device) > 0.05
+    codes = torch.randint(0, 16, (R, n), generator=g, device=device)
+    grad = (torch.randn(R, n, generator=g, device=device) * 0.01) @ h
+    g1, g2, k1, k2 = grad.clone(), grad.clone(), codes.clone(), codes.clone()
+    d1 = sweep_codes_reference(g1, st, live, k1, h, 128, 256, 15)
+    d2 = sweep_codes_triton(g2, st, live, k2, h, 128, 256, 15)
+    rows.append([f"tune code sweep ({R} rows, 128 columns)", torch.equal(d1, d2) and torch.equal(k1, k2)
+                 and torch.equal(g1, g2)])
+    wq = torch.randn(R, n, generator=g, device=device) * 0.02
+    im = torch.rand(n, generator=g, device=device) * torch.exp(2 * torch.randn(n, generator=g, device=device))
+    rows.append([f"q4_k + imatrix quantize ({R} x {n})",
+                 torch.equal(Q4_K.quantize_triton(wq, im), Q4_K.quantize_reference(wq, im))])
+    return rows
 
 
 def sequential_rows(model: Path, cal: Path, args: argparse.Namespace) -> list[list[object]]:
@@ -84,6 +123,9 @@ def main() -> None:
     hess = cal / "hessians.safetensors"
     rows: list[list[object]] = []
     walls: dict[str, float] = {}
+    if args.device == "cuda":
+        print(table(["GPU kernel vs its PyTorch reference, same inputs", "identical"], kernel_checks("cuda")),
+              flush=True)
     if "hessians" in stages:
         shutil.rmtree(cal, ignore_errors=True)
         code = ("import sys; from quantforge.calibration.hessian_pass import calibrate_hessians; "

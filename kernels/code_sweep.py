@@ -1,10 +1,11 @@
 """One pass of single-step code moves over a batch of columns: the inner loop of the tuned rounding mode.
 
-For weights with scales ``s``, codes ``c`` and the gradient ``G = (Ŵ - W) H`` of the output error ``Σ_rows Δ H Δᵀ``,
-the columns ``j`` of a batch are taken in order: moving a code one step up changes the row's error by ``s² H_jj
-+ 2 s G_j`` and one step down by ``s² H_jj - 2 s G_j``; the code takes the step that lowers the error most (up on
-a tie; none where neither lowers it, the code is at the end of its range or the block is dead) and the batch's
-columns of ``G`` move by ``δ H[j, batch]`` for the value step ``δ = k s``. Rows are independent, columns are not.
+For weights with scales ``s``, codes ``c`` and the gradient ``G = (Ŵ - W) H`` of the output error
+``Σ_rows Δ H Δᵀ``, the columns ``j`` of a batch are taken in order: moving a code one step up changes the row's
+error by ``s² H_jj + 2 s G_j`` and one step down by ``s² H_jj - 2 s G_j``; the code takes the step that lowers the
+error most (up on a tie; none where neither lowers it, the code is at the end of its range or the block is dead)
+and the batch's columns of ``G`` move by ``δ H[j, batch]`` for the value step ``δ = k s``. Rows are independent,
+columns are not.
 
 The PyTorch reference runs the columns as a small loop of whole-row tensor ops (about a dozen kernel launches per
 column on a GPU: a 14336-column matrix costs ~170,000 launches a pass), the Triton kernel (CUDA tensors) keeps a
