@@ -8,7 +8,9 @@ records it (``seconds`` in ``sensitivity.json``: model load, imatrix pass, proxi
 
 The checkpoint is shared with ``export_speed.py`` (same ``--dir``: built once, reused). The calibration folder
 ``DIR/cal`` keeps ``imatrix.gguf``, which ``export_speed.py --imatrix DIR/cal/imatrix.gguf --types iq2_xxs`` takes.
-A cached folder would make the run a no-op, so the folder is emptied first. Goal: under 10 minutes in total.
+A cached folder would make the run a no-op, so the folder is emptied first. The command keeps its default progress
+bars (per layer or measured pair, with elapsed time), so a run stopped early still shows how far each stage got.
+Goal: under 10 minutes in total.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main() -> None:
     cal = work / "cal"
     shutil.rmtree(cal, ignore_errors=True)
     cmd = [*QF, "calibrate", str(model), "--data", str(args.data), "--tokens", str(args.tokens), "--ctx",
-           str(args.ctx), "--device", args.device, "-o", str(cal), "--quiet"]
+           str(args.ctx), "--device", args.device, "-o", str(cal)]
     wall, rss = measure(cmd)
     sens = json.loads((cal / "sensitivity.json").read_text())
     stages = sens["seconds"]
