@@ -49,6 +49,7 @@ T0=$(date +%s)
 BUDGET=${BUDGET:-570}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+source benchmarks/_llama_quantize.sh
 say() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 
@@ -66,16 +67,11 @@ run_step() {  # name default-limit command...
 }
 
 build_llama() {  # llama-quantize into .bench/llama-build/bin and the converter into .bench/llama.cpp-src
-  rm -rf /tmp/lq && mkdir -p /tmp/lq .bench/llama.cpp-src && tar -xJf $DEV/llama-quantize-src.tar.xz -C /tmp/lq
-  tar -xJf $DEV/llama-py.tar.xz -C .bench/llama.cpp-src
-  local t0
-  t0=$(date +%s)
-  cmake -S /tmp/lq -B /tmp/lq/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CCACHE=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON >/tmp/llama-build.log 2>&1 \
-    && nice -n 19 ninja -C /tmp/lq/build -j 6 llama-quantize >>/tmp/llama-build.log 2>&1 \
+  mkdir -p .bench/llama.cpp-src && tar -xJf $DEV/llama-py.tar.xz -C .bench/llama.cpp-src
+  build_quantize $DEV/llama-quantize-src.tar.xz /tmp/llama-build.log 6 400 19 >/tmp/lq-build-s \
     || { echo failed >/tmp/lq-seconds; return 1; }
   mkdir -p .bench/llama-build && rm -rf .bench/llama-build/bin && cp -r /tmp/lq/build/bin .bench/llama-build/bin
-  echo $(( $(date +%s) - t0 )) >/tmp/lq-seconds
+  mv /tmp/lq-build-s /tmp/lq-seconds
 }
 
 wait_llama() {

@@ -38,6 +38,7 @@ MB=.bench/mb
 STASH=/root/merge-bench
 W=/tmp/merge8b
 OUT=${OUT:-/tmp/out}
+source benchmarks/_llama_quantize.sh
 say() { echo "[$(date -u +%H:%M:%S)] $*"; }
 qf() { command -v quantforge || echo "python3 -m quantforge.cli.main"; }
 llama() {
@@ -76,18 +77,6 @@ CMAKE
   du -h $MB/t4/llama-quantize-src.tar.xz
 }
 
-build_quantize() {  # on the GPU machine: llama-quantize into /tmp/lq/build/bin; prints the build's wall seconds
-  rm -rf /tmp/lq && mkdir -p /tmp/lq && tar -xJf $MB/t4/llama-quantize-src.tar.xz -C /tmp/lq
-  local t0 jobs
-  t0=$(date +%s.%N)
-  jobs=$(nproc)
-  cmake -S /tmp/lq -B /tmp/lq/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_CCACHE=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=ON >"$OUT/llama-build.log" 2>&1 \
-    && timeout "${MB_BUILD_S:-300}" ninja -C /tmp/lq/build -j "$jobs" llama-quantize >>"$OUT/llama-build.log" 2>&1 \
-    || return 1
-  python3 -c "import time; print(f'{time.time() - $t0:.1f}')"
-}
-
 if [ "$1" = pack ]; then
   pack_quantize_src
   exit 0
@@ -99,7 +88,8 @@ if [ "$1" = 8b ]; then
   STOP=$(( START + ${MB_BUDGET_S:-580} ))
   say "$(df -h /tmp | tail -1)"; nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), $(nproc) cores"
-  (build_quantize >/tmp/lq-seconds 2>/dev/null || echo failed >/tmp/lq-seconds) &
+  (build_quantize $MB/t4/llama-quantize-src.tar.xz "$OUT/llama-build.log" "$(nproc)" "${MB_BUILD_S:-300}" \
+    >/tmp/lq-seconds 2>/dev/null || echo failed >/tmp/lq-seconds) &
   BUILD=$!
   python3 -m pip install -q --no-index --no-deps $MB/t1/gguf-*.whl
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 &
