@@ -93,8 +93,9 @@ is not None, 'torch', torch.__version__, 'triton', triton.__version__)"
   touch /tmp/qf-installed
   say "installed"
 fi
-[ -x .bench/llama-build/bin/llama-quantize ] || [ -f /tmp/lq-seconds ] || pgrep -x ninja >/dev/null \
-  || (build_llama >/dev/null 2>&1 &)
+# steps that time only quantforge (calibrate, rounding, tune) leave the CPU to it: NO_LLAMA=1 skips the build
+[ -n "${NO_LLAMA:-}" ] || [ -x .bench/llama-build/bin/llama-quantize ] || [ -f /tmp/lq-seconds ] \
+  || pgrep -x ninja >/dev/null || (build_llama >/dev/null 2>&1 &)
 
 A8=(--dir $W --tokenizer /tmp/tok)
 D8=(--data $DEV/wiki.valid.raw)
