@@ -19,19 +19,24 @@ LLAMA_SRC = BENCH / "llama.cpp-src"
 LLAMA_BIN = BENCH / "llama-build" / "bin"
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``cmd`` in a child process; return (wall seconds, peak RSS MiB of that child)."""
-    wrapper = [sys.executable, "-c",
-               "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-               "sys.exit(r.returncode)", *cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.run(wrapper, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    rss = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK_RSS_KB")][-1]
-    return wall, int(rss.split()[1]) / 1024
+def measure(cmd: list[str], env: dict[str, str] | None = None, echo: bool = False) -> tuple[float, float]:
+    """Run ``cmd`` in a child process; return (wall seconds, peak RSS MiB of that child). With ``echo`` the
+    child's output (progress bars included) goes straight to this process's, so a run stopped from outside still
+    shows how far it got; otherwise it is kept and shown only on failure."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        wrapper = [sys.executable, "-c",
+                   "import resource, subprocess, sys; r = subprocess.run(sys.argv[2:]); "
+                   "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); "
+                   "sys.exit(r.returncode)", rss_file.name, *cmd]
+        t0 = time.perf_counter()
+        proc = subprocess.run(wrapper, env={**os.environ, **(env or {})}, capture_output=not echo, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            why = "(its output is above)" if echo else proc.stderr[-3000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{why}")
+        return wall, int(rss_file.read()) / 1024
 
 
 def cpu_name() -> str:

@@ -38,7 +38,7 @@ def main() -> None:
     shutil.rmtree(cal, ignore_errors=True)
     cmd = [*QF, "calibrate", str(model), "--data", str(args.data), "--tokens", str(args.tokens), "--ctx",
            str(args.ctx), "--device", args.device, "-o", str(cal)]
-    wall, rss = measure(cmd)
+    wall, rss = measure(cmd, echo=True)
     sens = json.loads((cal / "sensitivity.json").read_text())
     stages = sens["seconds"]
     rows = [[f"stage: {k}", v] for k, v in stages.items()]

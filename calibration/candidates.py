@@ -54,15 +54,25 @@ def gguf_candidates(requested: list[str], n_per_row: int, has_imatrix: bool = Tr
     return [*out, TOP]
 
 
+HOST_ENCODED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq1_s", "iq1_m")
+"""Types whose round trips for a GPU weight are encoded by the host's C kernels (same bytes; the decode stays on
+the GPU). Calibration makes many small round trips of every candidate at two or three row lengths: the K-quant
+Triton encoders compile once per type, imatrix use and row-length class (Q4_K with an imatrix: 63 s for a new row
+length on an H100, against tens of milliseconds for an encode on the host's 16 cores), and the IQ1 split searches in
+PyTorch hold a whole tensor's split table on the GPU (out of memory at 58M weights on 80 GB). The other i-quants
+stay on the GPU, where their encoders are faster than the host's."""
+
+
 def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
-    """``weight`` (2-D, rows along the last dim) encoded as ``fmt`` and decoded back to float32.
+    """``weight`` (2-D, rows along the last dim) encoded as ``fmt`` and decoded back to float32, on the weight's
+    device (:data:`HOST_ENCODED` types of a GPU weight are encoded on the host).
 
     The imatrix (per-column mean of squares) is passed exactly as the GGUF exporter passes it: only to formats
     that take one.
     """
     import torch
 
-    w = weight.detach().to(torch.float32).contiguous()  # on the weight's device: the codecs run on CPU and CUDA
+    w = weight.detach().to(torch.float32).contiguous()
     if fmt == "nf4":
         return nf4_round_trip(w)
     f = get_format(fmt)
@@ -71,7 +81,23 @@ def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
     im = None
     if imatrix is not None and f.takes_imatrix:
         im = torch.as_tensor(imatrix, dtype=torch.float32, device=w.device)
-    return f.dequantize(f.quantize(w, im)).reshape(w.shape)
+    if w.device.type != "cpu" and _host_encodes(fmt):
+        q = f.quantize(w.cpu(), None if im is None else im.cpu()).to(w.device)
+    else:
+        q = f.quantize(w, im)
+    return f.dequantize(q).reshape(w.shape)
+
+
+def _host_encodes(fmt: str) -> bool:
+    """Whether a GPU weight's ``fmt`` round trip is encoded by the host's C kernels (built and not switched off)."""
+    import torch
+
+    from ..kernels import _cpu_fast
+
+    if fmt not in HOST_ENCODED:
+        return False
+    probe = torch.empty(0)
+    return _cpu_fast.iq_enabled(probe) if fmt.startswith("iq") else _cpu_fast.enabled(probe)
 
 
 def nf4_round_trip(weight: Any) -> Any:

@@ -140,3 +140,17 @@ def test_measured_kld_equals_full_model_recomputation(calibrated, tiny, data_dir
             mod.weight.data = orig
             measured = table["tensors"][name]["candidates"][fmt]["measured_kld"]
             assert measured == pytest.approx(got, rel=1e-3), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_round_trips_equal_the_host_ones_for_every_default_candidate():
+    """A GPU weight's round trip (host-encoded for :data:`candidates.HOST_ENCODED`, else the GPU codec) gives the
+    CPU round trip's values exactly, at both row lengths of a Llama MLP."""
+    g = torch.Generator().manual_seed(5)
+    for n in (512, 1792):
+        w = torch.randn(48, n, generator=g) * 0.02
+        im = torch.rand(n, generator=g) + 0.05
+        for t in cand.DEFAULT_CANDIDATES:
+            on_gpu = cand.fake_quantize(w.cuda(), t, im.cuda())
+            assert on_gpu.is_cuda
+            assert torch.equal(on_gpu.cpu(), cand.fake_quantize(w, t, im)), (t, n)
