@@ -56,11 +56,11 @@ def gguf_candidates(requested: list[str], n_per_row: int, has_imatrix: bool = Tr
 
 HOST_ENCODED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq1_s", "iq1_m")
 """Types whose round trips for a GPU weight are encoded by the host's C kernels (same bytes; the decode stays on
-the GPU). Calibration makes many small round trips of every candidate at two or three row lengths: the K-quant
-Triton encoders compile once per type, imatrix use and row-length class (Q4_K with an imatrix: 63 s for a new row
-length on an H100, against tens of milliseconds for an encode on the host's 16 cores), and the IQ1 split searches in
-PyTorch hold a whole tensor's split table on the GPU (out of memory at 58M weights on 80 GB). The other i-quants
-stay on the GPU, where their encoders are faster than the host's."""
+the GPU). Calibration makes many small round trips of every candidate: the K-quant Triton encoders compile once per
+type and imatrix use, for about a minute each (Q4_K with an imatrix: 63 s on an H100), where an encode of a sampled
+layer on the host's 16 cores takes tens of milliseconds; the IQ1 split searches in PyTorch hold a whole tensor's
+split table on the GPU (out of memory at 58M weights on 80 GB). The other i-quants stay on the GPU, where their
+encoders are faster than the host's."""
 
 
 def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:

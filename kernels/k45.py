@@ -126,7 +126,7 @@ if HAVE_TRITON:
         scale = tl.where(suml2 > 0, tl.math.div_rn(sumlx, tl.where(suml2 > 0, suml2, 1.0)), 0.0)
         return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0.0, L)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S", "SB_ROW"])  # one compile for every tensor shape
     def _q45_kernel(x_ptr, qw_ptr, out_ptr, cand_ptr, qp_ptr, S, SB_ROW, NMAX: tl.constexpr, NSTEP: tl.constexpr,
                     FIVE: tl.constexpr, HAS_QW: tl.constexpr, TYPE_SIZE: tl.constexpr, BLOCK_S: tl.constexpr):
         pid = tl.program_id(0)

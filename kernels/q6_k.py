@@ -65,7 +65,7 @@ if HAVE_TRITON:
             suml2 = suml2 + (w * lv) * lv
         return sumlx, suml2
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S", "SB_ROW"])  # one compile for every tensor shape
     def _q6_k_kernel(x_ptr, qw_ptr, cand_ptr, out_ptr, S, SB_ROW, HAS_QW: tl.constexpr, BLOCK_S: tl.constexpr):
         sb = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         j = tl.arange(0, 16)

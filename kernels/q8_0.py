@@ -28,7 +28,7 @@ BLOCK_B = 64
 if HAVE_TRITON:
     from .k45 import store_f16
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B"])  # one compile for every tensor shape
     def _q8_0_kernel(x_ptr, out_ptr, B, BLOCK_B: tl.constexpr):
         b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         j = tl.arange(0, 32)
