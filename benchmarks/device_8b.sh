@@ -14,6 +14,7 @@
 #   rounding    rounding_speed.py --stages hessians,rtn,gptq     gptq  rounding_speed.py --stages gptq
 #   tune        rounding_speed.py --stages tune (XᵀX made first when missing)
 #   calibrate   calibrate_speed.py                               sequential  rounding_speed.py --stages sequential
+#   placement   codec_placement.py (calibration's round trips: as placed, GPU codec, host C kernels)
 #   export-cpu  export_speed.py --device cpu vs llama.cpp's two steps on all cores (q4_k_m)
 #   export-gpu  export_speed.py on the GPU (q4_k_m, q6_k, q8_0; cold q4_k_m) vs llama.cpp's two steps
 #   qlora-gguf  qlora.py --gguf at 2048 x 1 and x 8, three timed runs per arm, batch 1 profiled
@@ -108,6 +109,7 @@ for s in "$@"; do
       st=tune; [ -f $W/cal-hessians/hessians.safetensors ] || st=hessians,tune
       run_step tune 420 "${RS[@]}" --stages $st ;;
     calibrate) run_step calibrate 500 python3 -P benchmarks/calibrate_speed.py "${A8[@]}" "${D8[@]}" ;;
+    placement) run_step placement 150 python3 -P benchmarks/codec_placement.py ;;
     sequential)
       rm -rf $W/cal-hessians
       run_step sequential 420 "${RS[@]}" --stages sequential
