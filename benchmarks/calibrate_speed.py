@@ -8,8 +8,9 @@ records it (``seconds`` in ``sensitivity.json``: model load, imatrix pass, proxi
 
 The checkpoint is shared with ``export_speed.py`` (same ``--dir``: built once, reused). The calibration folder
 ``DIR/cal`` keeps ``imatrix.gguf``, which ``export_speed.py --imatrix DIR/cal/imatrix.gguf --types iq2_xxs`` takes.
-A cached folder would make the run a no-op, so the folder is emptied first. The command keeps its default progress
-bars (per layer or measured pair, with elapsed time), so a run stopped early still shows how far each stage got.
+A cached folder would make the run a no-op, so the folder is emptied first. The command's progress bars (per layer or
+measured pair, with elapsed time) are kept on (``QUANTFORGE_PROGRESS=1``: its output is a pipe, not a terminal), so
+a run stopped early still shows how far each stage got.
 Goal: under 10 minutes in total.
 """
 
@@ -38,7 +39,7 @@ def main() -> None:
     shutil.rmtree(cal, ignore_errors=True)
     cmd = [*QF, "calibrate", str(model), "--data", str(args.data), "--tokens", str(args.tokens), "--ctx",
            str(args.ctx), "--device", args.device, "-o", str(cal)]
-    wall, rss = measure(cmd, echo=True)
+    wall, rss = measure(cmd, env={"QUANTFORGE_PROGRESS": "1"}, echo=True)
     sens = json.loads((cal / "sensitivity.json").read_text())
     stages = sens["seconds"]
     rows = [[f"stage: {k}", v] for k, v in stages.items()]

@@ -83,9 +83,24 @@ def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
         im = torch.as_tensor(imatrix, dtype=torch.float32, device=w.device)
     if w.device.type != "cpu" and _host_encodes(fmt):
         q = f.quantize(w.cpu(), None if im is None else im.cpu()).to(w.device)
-    else:
-        q = f.quantize(w, im)
-    return f.dequantize(q).reshape(w.shape)
+        return f.dequantize(q).reshape(w.shape)
+    return _round_trip(f, w, im)
+
+
+def _round_trip(f: Any, w: Any, im: Any) -> Any:
+    """``w`` through ``f`` and back on its own device. A device that runs out of memory (a whole tensor's search
+    workspace beside a resident model) gets the rows in halves: rows are encoded independently, so the values are
+    the same."""
+    import torch
+
+    try:
+        return f.dequantize(f.quantize(w, im)).reshape(w.shape)
+    except torch.OutOfMemoryError:
+        if w.shape[0] < 2:
+            raise
+    torch.cuda.empty_cache()
+    half = w.shape[0] // 2
+    return torch.cat([_round_trip(f, w[:half], im), _round_trip(f, w[half:], im)])
 
 
 def _host_encodes(fmt: str) -> bool:

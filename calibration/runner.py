@@ -172,9 +172,17 @@ class DecoderRunner:
 
 
 def _fits_device(model: Any, device: Any) -> bool:
+    """Whether ``model`` can stay on ``device``. Weights already there count as fitting (``load_model`` put
+    them there after checking); only the rest is weighed against the free memory, which no longer includes
+    the weights already moved."""
     if device.type != "cuda":
         return True
-    return _fits(sum(p.numel() * p.element_size() for p in model.parameters()), device)
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if not _on(p.device, device))
+    return rest == 0 or _fits(rest, device)
+
+
+def _on(where: Any, device: Any) -> bool:
+    return where.type == device.type and (device.index is None or where.index == device.index)
 
 
 def _fits(nbytes: int, device: Any) -> bool:

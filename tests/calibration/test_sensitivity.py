@@ -57,6 +57,34 @@ def test_candidates_respect_row_length():
     assert sens.sample_types(narrow, whole_model=True) == ["iq4_nl", "q5_0", "q8_0"]
 
 
+def test_round_trip_out_of_memory_splits_rows(monkeypatch):
+    """A codec that runs out of device memory on a whole tensor gets its rows in halves, with the same values."""
+    from quantforge.formats import QuantFormat
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 512, generator=g) * 0.02
+    im = torch.rand(512, generator=g) + 0.05
+    whole = {t: cand.fake_quantize(w, t, im) for t in ("iq2_xxs", "q4_k")}
+    real = QuantFormat.quantize
+    seen: list[int] = []
+    limit = [12]
+
+    def small_only(self, weight, imatrix=None):
+        seen.append(weight.shape[0])
+        if weight.shape[0] > limit[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, weight, imatrix)
+
+    monkeypatch.setattr(QuantFormat, "quantize", small_only)
+    for t, ref in whole.items():
+        seen.clear()
+        assert torch.equal(cand.fake_quantize(w, t, im), ref), t
+        assert seen == [48, 24, 12, 12, 24, 12, 12], t
+    limit[0] = 0  # not even one row fits: the error reaches the caller
+    with pytest.raises(torch.OutOfMemoryError):
+        cand.fake_quantize(w[:2], "q4_k", im)
+
+
 def test_nf4_round_trip_matches_bitsandbytes():
     bnbf = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(64, 192) * 0.05
