@@ -15,6 +15,7 @@
 #   tune        rounding_speed.py --stages tune (XᵀX made first when missing)
 #   calibrate   calibrate_speed.py                               sequential  rounding_speed.py --stages sequential
 #   placement   codec_placement.py (calibration's round trips: as placed, GPU codec, host C kernels)
+#   gpu-tests   the CUDA-only calibration tests (model residency, GPU round trips equal the host's)
 #   export-cpu  export_speed.py --device cpu vs llama.cpp's two steps on all cores (q4_k_m)
 #   export-gpu  export_speed.py on the GPU (q4_k_m, q6_k, q8_0; cold q4_k_m) vs llama.cpp's two steps
 #   qlora-gguf  qlora.py --gguf at 2048 x 1 and x 8, three timed runs per arm, batch 1 profiled
@@ -110,6 +111,8 @@ for s in "$@"; do
       run_step tune 420 "${RS[@]}" --stages $st ;;
     calibrate) run_step calibrate 500 python3 -P benchmarks/calibrate_speed.py "${A8[@]}" "${D8[@]}" ;;
     placement) run_step placement 150 python3 -P benchmarks/codec_placement.py ;;
+    gpu-tests) run_step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/calibration/test_runner.py \
+      tests/calibration/test_sensitivity.py -k gpu ;;
     sequential)
       rm -rf $W/cal-hessians
       run_step sequential 420 "${RS[@]}" --stages sequential

@@ -36,11 +36,14 @@ def test_weights_already_on_the_device_count_as_fitting(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_model_loaded_onto_the_gpu_is_resident(tmp_path, smollm2_dir, monkeypatch):
+def test_model_loaded_onto_the_gpu_is_resident(tmp_path, monkeypatch):
     """The model takes more than 0.6 x the memory left once it is loaded: the runner must still keep it there."""
-    from helpers.reference import tiny_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tiny_checkpoint("llama", tmp_path / "llama", smollm2_dir, init_std=0.05)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    path = tmp_path / "llama"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     n = sum(p.numel() for p in runner_mod.load_model(path).parameters())
     model = runner_mod.load_model(path, device="cuda", n_params=n)
     assert next(model.parameters()).is_cuda
