@@ -56,11 +56,14 @@ def gguf_candidates(requested: list[str], n_per_row: int, has_imatrix: bool = Tr
 
 HOST_ENCODED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq1_s", "iq1_m")
 """Types whose round trips for a GPU weight are encoded by the host's C kernels (same bytes; the decode stays on
-the GPU). Calibration makes many small round trips of every candidate: the K-quant Triton encoders compile once per
-type and imatrix use, for about a minute each (Q4_K with an imatrix: 63 s on an H100), where an encode of a sampled
-layer on the host's 16 cores takes tens of milliseconds; the IQ1 split searches in PyTorch hold a whole tensor's
-split table on the GPU (out of memory at 58M weights on 80 GB). The other i-quants stay on the GPU, where their
-encoders are faster than the host's."""
+the GPU). Calibration makes many small round trips of every candidate, most of them of a sampled layer, where the
+host's 16 cores encode a K-quant or Q8_0 in 3-15 ms. The Q4_K and Q5_K Triton encoders with an imatrix compile for about
+a minute on first use (50 s and 59 s on an H200, 63 s for Q4_K on an H100), more than the host spends on all of a
+calibration's pairs of those types; the other K-quants and the legacy types would gain at most a few tenths of a
+second per whole tensor on the GPU, and Q2_K and Q3_K are faster on the host at the sampled shapes
+(``benchmarks/codec_placement.py``). The IQ1 split searches in PyTorch hold a whole tensor's split table on the GPU
+(out of memory at 58M weights on an idle H200). The other i-quants stay on the GPU, where their encoders are 3-40x
+faster than the host's."""
 
 
 def fake_quantize(weight: Any, fmt: str, imatrix: Any = None) -> Any:
