@@ -16,6 +16,11 @@
 #   calibrate   calibrate_speed.py                               sequential  rounding_speed.py --stages sequential
 #   placement   codec_placement.py (calibration's round trips: as placed, GPU codec, host C kernels)
 #   gpu-tests   the CUDA-only calibration tests (model residency, GPU round trips equal the host's)
+#   compile     compile_time.py: each GPU quantize kernel's first call on an empty Triton cache; with
+#               $DEV/k45-base.py present (`git show REV:kernels/k45.py > .bench/dev/k45-base.py`) also that
+#               revision's Q4_K/Q5_K kernels, bytes checked
+#   export-imatrix  export_speed.py q4_k_m with a synthetic imatrix, cold page cache and an empty Triton cache (a
+#               fresh machine's first `quantize --imatrix`), then warm; no llama.cpp anchor
 #   export-cpu  export_speed.py --device cpu vs llama.cpp's two steps on all cores (q4_k_m)
 #   export-gpu  export_speed.py on the GPU (q4_k_m, q6_k, q8_0; cold q4_k_m) vs llama.cpp's two steps
 #   qlora-gguf  qlora.py --gguf at 2048 x 1 and x 8, three timed runs per arm, batch 1 profiled
@@ -113,6 +118,12 @@ for s in "$@"; do
     placement) run_step placement 150 python3 -P benchmarks/codec_placement.py ;;
     gpu-tests) run_step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider tests/calibration/test_runner.py \
       tests/calibration/test_sensitivity.py -k gpu ;;
+    compile)
+      base=(); [ -f $DEV/k45-base.py ] && base=(--baseline $DEV/k45-base.py)
+      run_step compile 300 python3 -P benchmarks/compile_time.py "${base[@]}" ;;
+    export-imatrix)
+      run_step export-imatrix 200 env TRITON_CACHE_DIR="$(mktemp -d)" python3 -P benchmarks/export_speed.py "${A8[@]}" \
+        --types q4_k_m --cold-types q4_k_m --imatrix synthetic --imatrix-mixes q4_k_m ;;
     sequential)
       rm -rf $W/cal-hessians
       run_step sequential 420 "${RS[@]}" --stages sequential

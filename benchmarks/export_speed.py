@@ -139,9 +139,9 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
-def imatrix_for(qtype: str, imatrix: Path | None) -> Path | None:
-    """The imatrix a mix is run with: ``imatrix`` for :data:`IMATRIX_MIXES` (required there), else none."""
-    if qtype not in IMATRIX_MIXES:
+def imatrix_for(qtype: str, imatrix: Path | None, mixes: tuple[str, ...] = IMATRIX_MIXES) -> Path | None:
+    """The imatrix a mix is run with: ``imatrix`` for ``mixes`` (required there), else none."""
+    if qtype not in mixes:
         return None
     if imatrix is None:
         raise SystemExit(f"{qtype} needs an importance matrix: pass --imatrix FILE (benchmarks/calibrate_speed.py "
@@ -270,6 +270,8 @@ def main() -> None:
     ap.add_argument("--imatrix", default=None,
                     help=f"importance matrix (imatrix.gguf of `quantforge calibrate`) for {', '.join(IMATRIX_MIXES)};"
                          " 'synthetic' writes one log-normal vector per tensor (speed only: both sides get it)")
+    ap.add_argument("--imatrix-mixes", default=",".join(IMATRIX_MIXES),
+                    help="the mixes run with --imatrix on both sides (q4_k_m here times the imatrix-weighted kernels)")
     ap.add_argument("--check", action="store_true",
                     help="first check on a small checkpoint that the pipelined file equals the serial and CPU files")
     ap.add_argument("--anchor-s", type=float, default=139.0,
@@ -296,15 +298,16 @@ def main() -> None:
         print(f"imatrix: synthetic, {args.imatrix}", flush=True)
     elif args.imatrix is not None:
         args.imatrix = Path(args.imatrix)
+    mixes = tuple(t for t in args.imatrix_mixes.split(",") if t)
     rows, outputs = [], {}
     cpu_s: dict[str, float] = {}
     types = [t for t in args.types.split(",") if t]
     cold_types = types if args.cold_types is None else [t for t in args.cold_types.split(",") if t]
     for qtype in types:
-        imatrix_for(qtype, args.imatrix)
+        imatrix_for(qtype, args.imatrix, mixes)
     for qtype in types:
         out = work / f"ours-{qtype}.gguf"
-        imat = imatrix_for(qtype, args.imatrix)
+        imat = imatrix_for(qtype, args.imatrix, mixes)
         if qtype in cold_types:
             how = drop_page_cache(shards)
             cold, cold_rss = ours(model, qtype, out, args.device, imatrix=imat)
@@ -321,13 +324,13 @@ def main() -> None:
         for qtype in [t for t in args.profile.split(",") if t] or types[:1]:
             warm_page_cache(shards)
             print(f"\npipelined export, {qtype}, warm page cache, in-process")
-            print(profile_run(model, qtype, work / "profile.gguf", args.device, imatrix_for(qtype, args.imatrix)),
-                  flush=True)
+            imat = imatrix_for(qtype, args.imatrix, mixes)
+            print(profile_run(model, qtype, work / "profile.gguf", args.device, imat), flush=True)
             (work / "profile.gguf").unlink(missing_ok=True)
     for qtype in [t for t in args.cpu_types.split(",") if t]:
         warm_page_cache(shards)
         out = work / f"ours-cpu-{qtype}.gguf"
-        s, rss = ours(model, qtype, out, "cpu", imatrix=imatrix_for(qtype, args.imatrix))
+        s, rss = ours(model, qtype, out, "cpu", imatrix=imatrix_for(qtype, args.imatrix, mixes))
         same = qtype in outputs and out.read_bytes() == outputs[qtype].read_bytes()
         cpu_s[qtype] = s
         rows.append([qtype, f"cpu ({os.cpu_count()} cores)", "warm", s, rss, out.stat().st_size / 1e9])
@@ -340,7 +343,8 @@ def main() -> None:
         c_s, c_rss, bf16 = llama_convert(model, work)
         print(f"llama.cpp convert_hf_to_gguf.py --outtype bf16: {c_s:.1f} s, RSS {c_rss:.0f} MiB", flush=True)
     for qtype in llama_types:
-        q_s, q_rss, theirs = llama_quantize(bf16, qtype, work, args.threads, imatrix_for(qtype, args.imatrix))
+        imat = imatrix_for(qtype, args.imatrix, mixes)
+        q_s, q_rss, theirs = llama_quantize(bf16, qtype, work, args.threads, imat)
         n, same, diff = compare_tensors(outputs[qtype], theirs) if qtype in outputs else (0, 0, ["(no ours)"])
         ours_warm = next(r[3] for r in rows if r[0] == qtype and r[2] == "warm" and r[1] == args.device)
         on_cpu = f"{cpu_s[qtype]:.1f} s = {cpu_s[qtype] / (c_s + q_s):.2f}x" if qtype in cpu_s else "-"

@@ -57,11 +57,10 @@ def gguf_candidates(requested: list[str], n_per_row: int, has_imatrix: bool = Tr
 HOST_ENCODED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq1_s", "iq1_m")
 """Types whose round trips for a GPU weight are encoded by the host's C kernels (same bytes; the decode stays on
 the GPU). Calibration makes many small round trips of every candidate, most of them of a sampled layer, where the
-host's 16 cores encode a K-quant or Q8_0 in 3-15 ms. The Q4_K and Q5_K Triton encoders with an imatrix compile for about
-a minute on first use (50 s and 59 s on an H200, 63 s for Q4_K on an H100), more than the host spends on all of a
-calibration's pairs of those types; the other K-quants and the legacy types would gain at most a few tenths of a
-second per whole tensor on the GPU, and Q2_K and Q3_K are faster on the host at the sampled shapes
-(``benchmarks/codec_placement.py``). The IQ1 split searches in PyTorch hold a whole tensor's split table on the GPU
+host's 16 cores encode a K-quant or Q8_0 in 3-15 ms. On the GPU, Q4_K to Q8_0 would save at most about 0.3 s per
+whole tensor and 0.01 s per sampled layer, against a first-use compile of 0.4-1.6 s per type and imatrix use on a
+fresh machine; Q2_K and Q3_K are faster on the host at the sampled shapes (``benchmarks/codec_placement.py``,
+``benchmarks/compile_time.py``). The IQ1 split searches in PyTorch hold a whole tensor's split table on the GPU
 (out of memory at 58M weights on an idle H200). The other i-quants stay on the GPU, where their encoders are 3-40x
 faster than the host's."""
 

@@ -77,21 +77,22 @@ if HAVE_TRITON:
         d = v - lv * s[:, None]
         e = (d * sw) * d
         acc = tl.zeros_like(s)
-        for c in tl.static_range(8):
+        for c in range(8):
             acc = acc + _col(e, j, c)
         return acc
 
     @triton.jit
     def _qp_search(v, sw, j, qp_ptr, NMAX: tl.constexpr):
         """ggml's ``make_qp_quants`` on each row of ``v`` ``(BLOCK_S, 8)`` (weights ``sw``): the least-squares
-        scale and the codes ``(BLOCK_S, 8)`` (float, at most ``NMAX``; the reference's operation order)."""
+        scale and the codes ``(BLOCK_S, 8)`` (float, at most ``NMAX``; the reference's operation order). Its loops
+        stay loops: unrolled, the two searches of the imatrix path took ptxas about a minute per kernel."""
         mx = tl.maximum(tl.max(v, axis=1), 0.0)
         zero = mx < 1e-15
         mx = tl.where(zero, 1.0, mx)
         one = tl.zeros_like(mx) + 1.0
         iscale = tl.math.div_rn(one * NMAX, mx)
         best = _qp_mse(v, sw, rne(v * iscale[:, None]), tl.math.div_rn(one, iscale), j)
-        for k in tl.static_range(8):
+        for k in range(8):
             isc = tl.math.div_rn(one * tl.load(qp_ptr + k), mx)
             cur = _qp_mse(v, sw, tl.minimum(rne(v * isc[:, None]), NMAX), tl.math.div_rn(one, isc), j)
             acc = cur < best
@@ -101,13 +102,13 @@ if HAVE_TRITON:
         wx = sw * v
         sumlx = tl.zeros_like(mx)
         suml2 = tl.zeros_like(mx)
-        for c in tl.static_range(8):
+        for c in range(8):
             sumlx = sumlx + _col(wx * L, j, c)
             suml2 = suml2 + _col((sw * L) * L, j, c)
         # coordinate descent, 5 passes: a pass that moves nothing leaves the state as it was, so running every
         # pass is the reference's early exit
-        for _p in tl.static_range(5):
-            for c in tl.static_range(8):
+        for _p in range(5):
+            for c in range(8):
                 xc = _col(v, j, c)
                 wc = _col(sw, j, c)
                 wxc = _col(wx, j, c)

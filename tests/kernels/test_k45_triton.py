@@ -9,6 +9,10 @@ and a whole zero super-block (the 6-bit scale search's empty case), and the sear
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,3 +63,35 @@ def test_triton_quantize_equals_reference(codec, with_imatrix, monkeypatch):
 def test_triton_quantize_rejects_a_wrong_imatrix_shape():
     with pytest.raises(UnsupportedFormat, match="one value per column"):
         Q4_K.quantize_triton(torch.zeros(2, 256), torch.ones(512))
+
+
+_REDUCTIONS = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantforge.kernels import k45
+
+sig = {"x_ptr": "*fp32", "qw_ptr": "*fp32", "out_ptr": "*u8", "cand_ptr": "*fp32", "qp_ptr": "*fp32", "S": "i32",
+       "SB_ROW": "i32"}
+for qw in (0, 1):
+    c = {"NMAX": 15, "NSTEP": 15, "FIVE": 0, "HAS_QW": qw, "TYPE_SIZE": 144, "BLOCK_S": k45.BLOCK_S}
+    src = ASTSource(fn=k45._q45_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    print(kernel.asm["ttir"].count('"tt.reduce"'))
+"""
+
+
+def test_imatrix_search_is_compiled_as_loops(tmp_path):
+    """The imatrix path's super-block scale searches (``make_qp_quants`` of the scales and of the mins) stay loops
+    in the compiled kernel. Unrolled, they added 296 reductions to the kernel, and ptxas took 55-65 s on a first
+    ``quantize --imatrix`` of each of Q4_K and Q5_K (benchmarks/compile_time.py); as loops they add 16 and it takes
+    about a second. Compiled for sm_90 with Triton's own ptxas (no GPU needed), in a process without the
+    interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-P", "-c", _REDUCTIONS], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain, with_imatrix = (int(v) for v in res.stdout.split())
+    assert with_imatrix - plain <= 16, f"{with_imatrix - plain} reductions added by the imatrix path"
