@@ -1,10 +1,12 @@
-"""First-use cost of the GPU quantize kernels: each GGUF type's ``quantize`` of a CUDA weight (256 x 4096, random),
-with and without an imatrix, called twice in a process whose Triton cache starts empty. The first call pays the
-kernel's compile and load, the second does not. ``--baseline FILE`` also times the Q4_K/Q5_K kernels of another
-revision's ``kernels/k45.py`` (``git show REV:kernels/k45.py > FILE``) in a process of its own, and the script checks
-that every GPU encode gives the host C kernels' bytes (and the baseline's, where it ran).
+"""First-use cost of the GPU quantize kernels: each GGUF type's ``quantize`` of a random CUDA weight (``--shape``, 256 x
+4096 by default), with and without an imatrix, in a process whose Triton cache starts empty. The first call pays the
+kernel's compile and load; the later ones (``--repeats``, the fastest shown) do not. ``--baseline FILE`` also times
+the Q4_K/Q5_K kernels of another revision's ``kernels/k45.py`` (``git show REV:kernels/k45.py > FILE``) in a process
+of its own, and the script checks that every GPU encode gives the host C kernels' bytes (and the baseline's, where it
+ran).
 
-    python benchmarks/compile_time.py [--types q4_k,q5_k] [--baseline .bench/k45-REV.py]
+    python benchmarks/compile_time.py [--types q4_k,q5_k] [--shape 14336x4096] [--repeats 5]
+        [--baseline .bench/k45-REV.py]
 
 A kernel measurement: the weights are made on the host and copied to the GPU. The CLI pays each compile once per
 machine (Triton keeps its cache in ``~/.triton``); a first ``quantize --imatrix`` on a fresh machine pays those of
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table  # noqa: E402
+
 
 def _inputs(shape: tuple[int, int]):
     import torch

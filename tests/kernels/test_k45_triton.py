@@ -66,7 +66,6 @@ def test_triton_quantize_rejects_a_wrong_imatrix_shape():
 
 
 _REDUCTIONS = """
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
